@@ -1,0 +1,3 @@
+"""asbuilt command line."""
+def main():
+    print("hello")

@@ -1,3 +1,162 @@
-"""asbuilt command line."""
-def main():
-    print("hello")
+"""The ``asbuilt`` command line.
+
+Every expected failure prints one line ``asbuilt: <what>`` on stderr and exits non-zero (2 for bad
+input, 1 for a failed write); a traceback only ever means a bug, and then ``--debug`` shows it.
+Every option can also be given as an ``ASBUILT_<NAME>`` environment variable (e.g.
+``ASBUILT_PROC_ROOT``); the command line wins.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from . import __version__
+from .errors import AsbuiltError, UsageError
+
+log = logging.getLogger("asbuilt")
+
+
+def _env_default(name: str, default):
+    return os.environ.get("ASBUILT_" + name.upper().replace("-", "_"), default)
+
+
+def _add_roots(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("roots (read a captured tree instead of the live host)")
+    g.add_argument("--proc-root", default=_env_default("proc_root", "/proc"), help="procfs root (default /proc)")
+    g.add_argument("--sys-root", default=_env_default("sys_root", "/sys"), help="sysfs root (default /sys)")
+    g.add_argument("--rootfs", default=_env_default("rootfs", "/"), help="root filesystem (default /)")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default=_env_default("output", ""),
+                   help="write the profile here (.json for JSON, anything else msgpack); mode 0600, atomic")
+    p.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asbuilt", description="Turn a running Linux server into its as-built record.")
+    parser.add_argument("--version", action="version", version=f"asbuilt {__version__}")
+    parser.add_argument("--log-level", default=_env_default("log_level", "warning"),
+                        choices=["debug", "info", "warning", "error"], help="stderr log level")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("scan", help="snapshot of the whole host and every process (no tracing)")
+    _add_output(p)
+    _add_roots(p)
+    p.add_argument("--pid", type=int, action="append", default=[],
+                   help="only these processes (repeatable; default every process)")
+    p.add_argument("--no-packages", action="store_true", help="skip the dpkg/rpm lookup")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not hash files to check them against their package's checksums")
+    p.add_argument("--kernel-threads", action="store_true", help="include kernel threads")
+
+    p = sub.add_parser("show", help="print a readable summary of a saved profile")
+    p.add_argument("profile")
+    p.add_argument("--all", action="store_true", help="every process, not only the ones that matter")
+
+    p = sub.add_parser("doctor", help="what this host supports and what each probe will do")
+    p.add_argument("--quick", action="store_true", help="skip the kprobe/fentry attach attempts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("trace", help="attach to a running process and learn what it does")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--duration", default="30s", help="how long, e.g. 30s, 5m (Ctrl-C ends early)")
+    p.add_argument("--children", dest="children", action="store_true", default=True)
+    p.add_argument("--no-children", dest="children", action="store_false")
+    p.add_argument("--no-ebpf", action="store_true", help="proc connector and polling only")
+    _add_output(p)
+
+    for name, text in (("run", "the daemon"), ("export", "migration artifacts from a profile"),
+                       ("diff", "compare two profiles"), ("merge", "many hosts into a fleet map")):
+        p = sub.add_parser(name, help=f"{text} (not yet in this version)")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def cmd_scan(args) -> int:
+    from ..exporters.files import write_profile
+    from ..exporters.summary import one_line, render
+    from ..probes.base import Context, Roots
+    from .scan import scan
+
+    ctx = Context(roots=Roots(proc=args.proc_root, sys=args.sys_root, rootfs=args.rootfs))
+    ctx.options.update(packages=not args.no_packages, verify=not args.no_verify,
+                       kernel_threads=args.kernel_threads)
+    profile = scan(ctx, pids=args.pid or None)
+    if args.output:
+        write_profile(profile, args.output)
+        print(f"asbuilt: wrote {args.output}: {one_line(profile)}", file=sys.stderr)
+    if not args.quiet and not args.output:
+        render(profile, sys.stdout)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from ..exporters.summary import render
+    from .store import load_profile
+
+    render(load_profile(args.profile), sys.stdout, everything=args.all)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from ..exporters.summary import render_doctor
+    from ..probes.features import detect
+    from .registry import plan
+
+    features = detect(costly=not args.quick)
+    render_doctor(features, plan(features), sys.stdout, as_json=args.json)
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from .trace import run_trace  # issue 3
+
+    return run_trace(args)
+
+
+def cmd_later(args) -> int:
+    raise UsageError(f"'{args.command}' is not implemented in asbuilt {__version__} yet")
+
+
+COMMANDS = {"scan": cmd_scan, "show": cmd_show, "doctor": cmd_doctor, "trace": cmd_trace,
+            "run": cmd_later, "export": cmd_later, "diff": cmd_later, "merge": cmd_later}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging("debug" if args.debug else args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except AsbuiltError as err:
+        print(f"asbuilt: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("asbuilt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # a bug: one line unless --debug
+        if args.debug:
+            raise
+        print(f"asbuilt: internal error: {type(err).__name__}: {err} (run with --debug for details)",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

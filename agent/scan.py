@@ -1,0 +1,393 @@
+"""The scan: one snapshot of the host and every process, assembled into a :class:`Profile`.
+
+Order: host facts, processes (procfs), sockets (sock_diag, every network namespace in use), then
+the joins — socket inodes to processes, established connections to peers, files to packages.
+Each reader runs through :func:`run_snapshot`, so its outcome and duration land in coverage and a
+failing reader leaves its part empty instead of stopping the scan.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from . import __version__
+from .classify import classify, raw_target_kind
+from .identity import identity
+from .model import (FileRef, Host, NetNamespace, Package, Peer, Process, Profile, Socket, SCAN)
+from .redact import redact_argv, redact_env
+from ..probes.base import Context, Probe, run_snapshot
+
+log = logging.getLogger(__name__)
+
+# Device files every process has: noise in a dependency profile.
+NOISE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
+                 "/dev/console", "/dev/ptmx")
+NOISE_PREFIXES = ("/dev/pts/", "/dev/tty")
+# Paths worth asking the package database about.
+PACKAGE_KINDS = ("executable", "library", "config", "data", "log", "other", "deleted")
+
+
+# --------------------------------------------------------------------------------- probes
+class HostProbe(Probe):
+    name = "host"
+    description = "os-release, hostname, kernel, CPU, memory, mounts, NICs, routes, DNS, devices"
+
+    def collect(self, ctx: Context) -> Host:
+        from ..probes.host import collect_host
+
+        return collect_host(ctx)
+
+
+class ProcessProbe(Probe):
+    name = "processes"
+    description = "procfs: every process's identity, files, maps, limits"
+
+    def __init__(self, only: Optional[Iterable[int]] = None):
+        self.only = set(only) if only else None
+        self.kernel_threads = 0
+
+    def collect(self, ctx: Context) -> list:
+        from ..probes.procfs.pids import list_pids
+        from ..probes.procfs.process import read_process
+        from .errors import Vanished
+
+        me = os.getpid()
+        pids = list_pids(ctx.roots.proc)
+        if self.only is not None:
+            missing = self.only - set(pids)
+            for pid in sorted(missing):
+                ctx.gaps.add("vanished", f"pid {pid}", "not running at scan time")
+            pids = [p for p in pids if p in self.only]
+        out = []
+        keep_kthreads = bool(ctx.options.get("kernel_threads"))
+        for pid in pids:
+            if pid == me and ctx.roots.live:
+                continue
+            try:
+                info = read_process(ctx.roots.proc, pid)
+            except Vanished:
+                ctx.gaps.add("vanished", f"pid {pid}", "exited during the scan")
+                continue
+            if info.kernel_thread and not keep_kthreads:
+                self.kernel_threads += 1
+                continue
+            for part in info.denied:
+                ctx.gaps.add("denied", f"pid {pid}", part)
+            out.append(info)
+        return out
+
+
+class SocketProbe(Probe):
+    name = "sockets"
+    description = "TCP/UDP/unix sockets via netlink sock_diag, in every network namespace in use"
+    needs = ("sock_diag",)
+
+    def __init__(self, netns_pids: Dict[int, List[int]]):
+        self.netns_pids = netns_pids  # netns inode -> pids in it
+        self.root_ns = 0
+
+    def check(self, ctx: Context) -> Optional[str]:
+        if not ctx.roots.live:
+            return "captured tree: sockets need the live kernel"
+        from ..probes.features import check_sock_diag
+
+        feat = check_sock_diag()
+        return None if feat.ok else feat.detail
+
+    def collect(self, ctx: Context) -> Tuple[list, list]:
+        from ..probes.netlink import netns as nsmod
+        from ..probes.netlink.sock_diag import dump_all
+        from .errors import AsbuiltError
+
+        inet, unix = dump_all()
+        try:
+            self.root_ns = nsmod.netns_of(ctx.roots.proc, os.getpid())
+        except AsbuiltError:
+            self.root_ns = 0
+        for ns, pids in sorted(self.netns_pids.items()):
+            if not ns or ns == self.root_ns:
+                continue
+            for pid in pids:  # any live member of the namespace will do
+                path = os.path.join(ctx.roots.proc, str(pid), "ns", "net")
+                try:
+                    i, u = nsmod.in_netns(path, dump_all)
+                except AsbuiltError as err:
+                    ctx.gaps.add("vanished" if "gone" in type(err).__name__.lower() else "unreadable",
+                                 f"netns {ns}", str(err))
+                    continue
+                for s in i:
+                    s.netns = ns
+                inet.extend(i)
+                unix.extend(u)
+                break
+        return inet, unix
+
+
+class PackageProbe(Probe):
+    name = "packages"
+    description = "dpkg/rpm: owner, version, install date, origin, modified files"
+
+    def __init__(self, processes: List[Process]):
+        self.processes = processes
+
+    def collect(self, ctx: Context) -> List[Package]:
+        from ..probes.packages.index import open_index
+
+        index = open_index(ctx.roots, ctx.gaps)
+        if index is None:
+            return []
+        return attach_packages(self.processes, index, verify=bool(ctx.options.get("verify", True)))
+
+
+# ---------------------------------------------------------------------------------- joins
+def _users(ctx: Context) -> Tuple[Dict[int, str], Dict[int, str]]:
+    try:
+        from ..probes.host import passwd
+
+        return passwd.users(ctx.roots), passwd.groups(ctx.roots)
+    except Exception as err:  # names are a nicety; ids stay
+        ctx.gaps.add("unreadable", "/etc/passwd", f"{type(err).__name__}: {err}")
+        return {}, {}
+
+
+def _socket_model(s, netns: int) -> Socket:
+    if hasattr(s, "remote_port"):  # inet
+        sent = s.bytes_acked if s.bytes_acked is not None else s.bytes_sent
+        return Socket(proto=s.proto, family=s.family, state=s.state, local_address=s.local_address,
+                      local_port=s.local_port, remote_address=s.remote_address, remote_port=s.remote_port,
+                      inode=s.inode, netns=getattr(s, "netns", 0) or netns, bytes_sent=sent,
+                      bytes_received=s.bytes_received, learned=SCAN)
+    return Socket(proto="unix", family="unix", state=s.state, path=s.path, inode=s.inode,
+                  peer_inode=s.peer_inode, netns=netns, learned=SCAN)
+
+
+def derive_peers(proc: Process, unix_by_inode: Dict[int, Socket], owners: Dict[int, List[Process]],
+                 now: float) -> None:
+    """Peers from this process's sockets: established TCP/connected UDP, and connected unix sockets.
+
+    A connection to one of the process's own listening ports is inbound and keyed by the client's
+    address and our port (the client's ephemeral port never becomes part of a key); any other is
+    outbound, keyed by the remote address and port.
+    """
+    listening = {(s.proto, s.local_port) for s in proc.sockets
+                 if s.state == "LISTEN" or (s.proto == "udp" and not s.remote_port)}
+    peers: Dict[tuple, Peer] = {}
+    for s in proc.sockets:
+        if s.proto in ("tcp", "udp") and s.remote_port and s.state not in ("LISTEN", "TIME_WAIT"):
+            inbound = (s.proto, s.local_port) in listening
+            key = ("inbound", s.proto, s.remote_address, s.local_port) if inbound else \
+                ("outbound", s.proto, s.remote_address, s.remote_port)
+            peer = peers.get(key)
+            if peer is None:
+                peer = peers[key] = Peer(address=s.remote_address, port=0 if inbound else s.remote_port,
+                                         proto=s.proto, family=s.family,
+                                         direction="inbound" if inbound else "outbound",
+                                         local_port=s.local_port if inbound else 0,
+                                         learned=SCAN, first_seen=now, last_seen=now)
+            peer.connections += 1
+            if s.bytes_sent is not None:
+                peer.bytes_sent = (peer.bytes_sent or 0) + s.bytes_sent
+            if s.bytes_received is not None:
+                peer.bytes_received = (peer.bytes_received or 0) + s.bytes_received
+        elif s.proto == "unix" and s.peer_inode:
+            other = unix_by_inode.get(s.peer_inode)
+            if other is None:
+                continue
+            them = [p for p in owners.get(s.peer_inode, []) if p.pid != proc.pid]
+            if not them:
+                continue  # a socketpair inside one process
+            if other.path and not s.path:
+                direction, address = "outbound", other.path  # we connected to their named socket
+            elif s.path and not other.path:
+                direction, address = "inbound", s.path  # they connected to ours
+            else:
+                continue
+            key = (direction, "unix", address, them[0].identity)
+            peer = peers.get(key)
+            if peer is None:
+                peer = peers[key] = Peer(address=address, proto="unix", family="unix", direction=direction,
+                                         names=[f"{them[0].name}[{them[0].pid}]"], learned=SCAN,
+                                         first_seen=now, last_seen=now)
+            peer.connections += 1
+    proc.peers = sorted(peers.values(), key=lambda p: (p.direction, p.proto, p.address, p.port, p.local_port))
+
+
+def attach_packages(processes: List[Process], index, verify: bool = True) -> List[Package]:
+    """Fill owner/owned/modified on every file reference and return the packages in use."""
+    refs: Dict[str, List[Tuple[Process, Optional[FileRef]]]] = {}
+    for proc in processes:
+        if proc.exe:
+            refs.setdefault(proc.exe, []).append((proc, None))
+        for ref in proc.libraries + proc.mapped_files + proc.files:
+            if ref.path.startswith("/") and ref.kind in PACKAGE_KINDS and not ref.path.startswith(("/proc/", "/sys/")):
+                refs.setdefault(ref.path, []).append((proc, ref))
+    owners = index.owners(list(refs))
+    packages: Dict[str, Package] = {}
+    for path, uses in refs.items():
+        name = owners.get(path)
+        modified = index.verify(path) if (verify and name) else None
+        for proc, ref in uses:
+            if ref is None:
+                proc.exe_package = name
+            else:
+                ref.package, ref.owned = name, name is not None
+                ref.modified = modified
+        if not name:
+            continue
+        pkg = packages.get(name)
+        if pkg is None:
+            try:
+                pkg = packages[name] = index.package(name)
+            except KeyError:
+                continue
+        if modified:
+            pkg.modified_files.append(path)
+        for proc, _ in uses:
+            if proc.identity not in pkg.used_by:
+                pkg.used_by.append(proc.identity)
+    for pkg in packages.values():
+        pkg.modified_files.sort()
+        pkg.used_by.sort()
+    return sorted(packages.values(), key=lambda p: p.name)
+
+
+# ----------------------------------------------------------------------- process assembly
+def _mode(access) -> str:
+    return access or ""
+
+
+def build_process(info, users: Dict[int, str], groups: Dict[int, str], boot_time: float,
+                  clk_tck: int) -> Process:
+    """A model Process from one procfs reading (no sockets/packages yet)."""
+    argv = redact_argv(list(info.cmdline))
+    env_names, env_values = redact_env(dict(info.environ or {}))
+    unit, container_id, runtime = info.systemd_unit, info.container_id, info.container_runtime
+    proc = Process(
+        pid=info.pid, ppid=info.ppid, name=info.comm, exe=info.exe or "", cmdline=argv,
+        uid=info.uid, user=users.get(info.uid, str(info.uid) if info.uid >= 0 else ""),
+        gid=info.gid, group=groups.get(info.gid, str(info.gid) if info.gid >= 0 else ""),
+        cwd=info.cwd or "", start_time=round(boot_time + info.start_ticks / clk_tck, 2) if boot_time else 0.0,
+        cgroup=info.cgroup or "", container_id=container_id or "", container_runtime=runtime or "",
+        systemd_unit=unit or "", netns=info.netns or 0, kernel_thread=info.kernel_thread,
+        cpu_seconds=round(info.cpu_ticks / clk_tck, 2), rss_bytes=info.rss_bytes, threads=info.threads,
+        fd_count=len(info.fds), env_names=env_names, env=env_values,
+    )
+    from .model import Limit
+
+    proc.limits = [Limit(name=l.name, soft=l.soft, hard=l.hard, unit=l.unit) for l in info.limits]
+    proc.identity = identity(proc.exe, argv, proc.systemd_unit, proc.container_id)
+    proc.libraries = [FileRef(path=p, kind="library", mode="r", learned=SCAN) for p in info.libraries]
+    proc.mapped_files = [FileRef(path=p, kind=classify(p, access="r"), mode="r", learned=SCAN)
+                         for p in info.mapped_files if p != proc.exe]
+    files: Dict[str, FileRef] = {}
+    for fd, target, access in info.fds:
+        kind = raw_target_kind(target)
+        if kind != "path":
+            continue  # sockets are joined from sock_diag; pipes/anon are not dependencies
+        path = target
+        deleted = path.endswith(" (deleted)")
+        if deleted:
+            path = path[: -len(" (deleted)")]
+        if path in NOISE_DEVICES or path.startswith(NOISE_PREFIXES):
+            continue
+        ref = files.get(path)
+        if ref is None:
+            files[path] = FileRef(path=path, kind="deleted" if deleted else classify(path, access=access),
+                                  mode=_mode(access), deleted=deleted, learned=SCAN)
+        elif access and access not in ref.mode:
+            ref.mode = "".join(sorted(set(ref.mode + access), key="rwac".find))
+    proc.files = sorted(files.values(), key=lambda f: f.path)
+    return proc
+
+
+# ------------------------------------------------------------------------------------ scan
+def scan(ctx: Context, pids: Optional[Iterable[int]] = None) -> Profile:
+    """Snapshot the host and its processes into a Profile. Never raises for expected conditions."""
+    t0 = time.monotonic()
+    profile = Profile(mode="scan", tool_version=__version__, started_at=ctx.now, coverage=ctx.coverage)
+    ctx.coverage.privileged = ctx.privileged
+    ctx.coverage.mode = "snapshot"
+
+    host = run_snapshot(HostProbe(), ctx, count=lambda h: 1) or Host()
+    profile.host = host
+
+    pprobe = ProcessProbe(pids)
+    infos = run_snapshot(pprobe, ctx) or []
+    users, groups = _users(ctx)
+    clk_tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    built: List[Tuple[Process, object]] = []
+    for info in infos:
+        try:
+            built.append((build_process(info, users, groups, host.boot_time, clk_tck), info))
+        except Exception as err:  # one odd process never stops the scan
+            ctx.gaps.add("unreadable", f"pid {getattr(info, 'pid', '?')}", f"{type(err).__name__}: {err}")
+    processes = [proc for proc, _ in built]
+    if pprobe.kernel_threads:
+        ctx.gaps.add("skipped", "kernel threads", f"{pprobe.kernel_threads} left out (--kernel-threads keeps them)")
+
+    netns_pids: Dict[int, List[int]] = {}
+    for proc in processes:
+        netns_pids.setdefault(proc.netns, []).append(proc.pid)
+    sprobe = SocketProbe(netns_pids)
+    sockets = run_snapshot(sprobe, ctx, count=lambda r: len(r[0]) + len(r[1]))
+    if sockets is not None:
+        join_sockets(built, sockets[0], sockets[1], sprobe.root_ns, ctx.now)
+
+    named = _named_namespaces(ctx)
+    host.netns = [NetNamespace(inode=ns, name=named.get(ns, ""), pids=sorted(p))
+                  for ns, p in sorted(netns_pids.items()) if ns and ns != sprobe.root_ns]
+
+    if ctx.options.get("packages", True):
+        profile.packages = run_snapshot(PackageProbe(processes), ctx) or []
+    else:
+        ctx.coverage.probes.append(_skipped("packages", "--no-packages"))
+
+    profile.processes = sorted(processes, key=lambda p: p.pid)
+    profile.generated_at = time.time()
+    profile.duration_seconds = round(time.monotonic() - t0, 3)
+    return profile
+
+
+def join_sockets(built: List[Tuple[Process, object]], inet: list, unix: list, root_ns: int,
+                 now: float) -> None:
+    """Attach sockets to processes by socket inode (from /proc/PID/fd) and derive peers."""
+    by_inode: Dict[int, Socket] = {}
+    for s in inet:
+        by_inode.setdefault(s.inode, _socket_model(s, getattr(s, "netns", 0) or root_ns))
+    unix_by_inode: Dict[int, Socket] = {}
+    for s in unix:
+        m = _socket_model(s, 0)
+        unix_by_inode[s.inode] = m
+        by_inode.setdefault(s.inode, m)
+    owners: Dict[int, List[Process]] = {}
+    for proc, info in built:
+        seen: Set[int] = set()
+        for inode in info.socket_inodes:
+            sock = by_inode.get(inode)
+            if sock is None or inode in seen:
+                continue
+            seen.add(inode)
+            proc.sockets.append(sock)
+            owners.setdefault(inode, []).append(proc)
+        proc.sockets.sort(key=lambda s: (s.proto, s.state != "LISTEN", s.local_port, s.remote_address, s.path))
+    for proc, _ in built:
+        derive_peers(proc, unix_by_inode, owners, now)
+        # unix sockets are noise in the stored profile unless named or connected to a peer
+        proc.sockets = [s for s in proc.sockets if s.proto != "unix" or s.path or s.state == "LISTEN"]
+
+
+def _named_namespaces(ctx: Context) -> Dict[int, str]:
+    try:
+        from ..probes.netlink.netns import named_namespaces
+
+        return named_namespaces(ctx.roots.path("/run/netns"))
+    except Exception:
+        return {}
+
+
+def _skipped(name: str, reason: str):
+    from .model import ProbeRun
+
+    return ProbeRun(name=name, status="skipped", reason=reason)

@@ -140,6 +140,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _setup_logging("debug" if args.debug else args.log_level)
+    for stream in (sys.stdout, sys.stderr):  # undecodable path bytes print escaped, never crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return COMMANDS[args.command](args)
     except AsbuiltError as err:

@@ -13,7 +13,7 @@ import time
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from . import __version__
-from .classify import classify, raw_target_kind
+from .classify import classify
 from .identity import identity
 from .model import (FileRef, Host, NetNamespace, Package, Peer, Process, Profile, Socket, SCAN)
 from .redact import redact_argv, redact_env
@@ -51,7 +51,7 @@ class ProcessProbe(Probe):
     def collect(self, ctx: Context) -> list:
         from ..probes.procfs.pids import list_pids
         from ..probes.procfs.process import read_process
-        from .errors import Vanished
+        from .errors import AsbuiltError, Denied, Vanished
 
         me = os.getpid()
         pids = list_pids(ctx.roots.proc)
@@ -70,11 +70,19 @@ class ProcessProbe(Probe):
             except Vanished:
                 ctx.gaps.add("vanished", f"pid {pid}", "exited during the scan")
                 continue
+            except Denied as err:
+                ctx.gaps.add("denied", f"pid {pid}", str(err))
+                continue
+            except AsbuiltError as err:  # malformed or unreadable: this pid only
+                ctx.gaps.add("unreadable", f"pid {pid}", str(err))
+                continue
             if info.kernel_thread and not keep_kthreads:
                 self.kernel_threads += 1
                 continue
             for part in info.denied:
                 ctx.gaps.add("denied", f"pid {pid}", part)
+            for part in info.missing:
+                ctx.gaps.add("unreadable", f"pid {pid}", part)
             out.append(info)
         return out
 
@@ -99,9 +107,10 @@ class SocketProbe(Probe):
     def collect(self, ctx: Context) -> Tuple[list, list]:
         from ..probes.netlink import netns as nsmod
         from ..probes.netlink.sock_diag import dump_all
-        from .errors import AsbuiltError
+        from .errors import AsbuiltError, Vanished
 
-        inet, unix = dump_all()
+        notes: List[str] = []
+        inet, unix = dump_all(notes=notes)
         try:
             self.root_ns = nsmod.netns_of(ctx.roots.proc, os.getpid())
         except AsbuiltError:
@@ -110,18 +119,20 @@ class SocketProbe(Probe):
             if not ns or ns == self.root_ns:
                 continue
             for pid in pids:  # any live member of the namespace will do
-                path = os.path.join(ctx.roots.proc, str(pid), "ns", "net")
                 try:
-                    i, u = nsmod.in_netns(path, dump_all)
-                except AsbuiltError as err:
-                    ctx.gaps.add("vanished" if "gone" in type(err).__name__.lower() else "unreadable",
-                                 f"netns {ns}", str(err))
+                    i, u = dump_all(netns=os.path.join(ctx.roots.proc, str(pid), "ns", "net"), notes=notes)
+                except Vanished:
                     continue
+                except AsbuiltError as err:
+                    ctx.gaps.add("unreadable", f"netns {ns}", str(err))
+                    break
                 for s in i:
                     s.netns = ns
                 inet.extend(i)
                 unix.extend(u)
                 break
+        for note in notes:
+            ctx.gaps.add("unreadable", "sock_diag", note)
         return inet, unix
 
 
@@ -146,7 +157,7 @@ def _users(ctx: Context) -> Tuple[Dict[int, str], Dict[int, str]]:
     try:
         from ..probes.host import passwd
 
-        return passwd.users(ctx.roots), passwd.groups(ctx.roots)
+        return passwd.read_passwd(ctx.roots.rootfs), passwd.read_group(ctx.roots.rootfs)
     except Exception as err:  # names are a nicety; ids stay
         ctx.gaps.add("unreadable", "/etc/passwd", f"{type(err).__name__}: {err}")
         return {}, {}
@@ -254,50 +265,49 @@ def attach_packages(processes: List[Process], index, verify: bool = True) -> Lis
 
 
 # ----------------------------------------------------------------------- process assembly
-def _mode(access) -> str:
-    return access or ""
-
-
 def build_process(info, users: Dict[int, str], groups: Dict[int, str], boot_time: float,
                   clk_tck: int) -> Process:
-    """A model Process from one procfs reading (no sockets/packages yet)."""
-    argv = redact_argv(list(info.cmdline))
-    env_names, env_values = redact_env(dict(info.environ or {}))
-    unit, container_id, runtime = info.systemd_unit, info.container_id, info.container_runtime
-    proc = Process(
-        pid=info.pid, ppid=info.ppid, name=info.comm, exe=info.exe or "", cmdline=argv,
-        uid=info.uid, user=users.get(info.uid, str(info.uid) if info.uid >= 0 else ""),
-        gid=info.gid, group=groups.get(info.gid, str(info.gid) if info.gid >= 0 else ""),
-        cwd=info.cwd or "", start_time=round(boot_time + info.start_ticks / clk_tck, 2) if boot_time else 0.0,
-        cgroup=info.cgroup or "", container_id=container_id or "", container_runtime=runtime or "",
-        systemd_unit=unit or "", netns=info.netns or 0, kernel_thread=info.kernel_thread,
-        cpu_seconds=round(info.cpu_ticks / clk_tck, 2), rss_bytes=info.rss_bytes, threads=info.threads,
-        fd_count=len(info.fds), env_names=env_names, env=env_values,
-    )
+    """A model Process from one procfs reading (:class:`ProcInfo`); no sockets or packages yet."""
+    from ..probes.procfs import fd as fdmod
     from .model import Limit
 
-    proc.limits = [Limit(name=l.name, soft=l.soft, hard=l.hard, unit=l.unit) for l in info.limits]
+    st, status = info.stat, info.status
+    argv = redact_argv(list(info.cmdline))
+    env_names, env_values = redact_env(dict(info.environ or {}))
+    uid, gid = status.uid, status.gid
+    proc = Process(
+        pid=info.pid, ppid=st.ppid, name=st.comm, exe=info.exe, cmdline=argv,
+        uid=uid, user=users.get(uid, str(uid) if uid >= 0 else ""),
+        gid=gid, group=groups.get(gid, str(gid) if gid >= 0 else ""),
+        cwd=info.cwd, start_time=round(boot_time + st.starttime_ticks / clk_tck, 2) if boot_time else 0.0,
+        cgroup=info.cgroup, container_id=info.container_id, container_runtime=info.container_runtime,
+        systemd_unit=info.systemd_unit, netns=info.netns, kernel_thread=st.kernel_thread,
+        cpu_seconds=round((st.utime_ticks + st.stime_ticks) / clk_tck, 2),
+        rss_bytes=status.rss_bytes if status.rss_bytes is not None else 0,
+        threads=status.threads or st.num_threads, fd_count=len(info.fds),
+        env_names=env_names, env=env_values,
+    )
+    proc.limits = [Limit(name=lim.name, soft=lim.soft, hard=lim.hard, unit=lim.unit) for lim in info.limits]
     proc.identity = identity(proc.exe, argv, proc.systemd_unit, proc.container_id)
-    proc.libraries = [FileRef(path=p, kind="library", mode="r", learned=SCAN) for p in info.libraries]
-    proc.mapped_files = [FileRef(path=p, kind=classify(p, access="r"), mode="r", learned=SCAN)
-                         for p in info.mapped_files if p != proc.exe]
+    proc.libraries = [FileRef(path=link.path, kind="library", mode="r", deleted=link.deleted, learned=SCAN)
+                      for link in info.libraries]
+    proc.mapped_files = [FileRef(path=link.path, kind="deleted" if link.deleted else classify(link.path, access="r"),
+                                 mode="r", deleted=link.deleted, learned=SCAN)
+                         for link in info.mapped_files if link.path != proc.exe]
     files: Dict[str, FileRef] = {}
-    for fd, target, access in info.fds:
-        kind = raw_target_kind(target)
-        if kind != "path":
-            continue  # sockets are joined from sock_diag; pipes/anon are not dependencies
-        path = target
-        deleted = path.endswith(" (deleted)")
-        if deleted:
-            path = path[: -len(" (deleted)")]
+    for entry in info.fds:
+        if entry.kind not in (fdmod.PATH, fdmod.DELETED):
+            continue  # sockets are joined from sock_diag; pipes/anon inodes are not dependencies
+        path, deleted = entry.path, entry.kind == fdmod.DELETED
         if path in NOISE_DEVICES or path.startswith(NOISE_PREFIXES):
             continue
+        access = fdmod.mode(entry.flags) if entry.flags is not None else ""
         ref = files.get(path)
         if ref is None:
             files[path] = FileRef(path=path, kind="deleted" if deleted else classify(path, access=access),
-                                  mode=_mode(access), deleted=deleted, learned=SCAN)
-        elif access and access not in ref.mode:
-            ref.mode = "".join(sorted(set(ref.mode + access), key="rwac".find))
+                                  mode=access, deleted=deleted, learned=SCAN)
+        elif access:
+            ref.mode = "".join(c for c in "rwac" if c in ref.mode + access)
     proc.files = sorted(files.values(), key=lambda f: f.path)
     return proc
 
@@ -364,8 +374,9 @@ def join_sockets(built: List[Tuple[Process, object]], inet: list, unix: list, ro
     owners: Dict[int, List[Process]] = {}
     for proc, info in built:
         seen: Set[int] = set()
-        for inode in info.socket_inodes:
-            sock = by_inode.get(inode)
+        for entry in info.fds:
+            inode = entry.inode if entry.kind == "socket" else 0
+            sock = by_inode.get(inode) if inode else None
             if sock is None or inode in seen:
                 continue
             seen.add(inode)

@@ -16,9 +16,9 @@ def parse_profile(raw: bytes, name: str = "profile") -> Profile:
     head = raw.lstrip()[:1]
     try:
         if head in (b"{", b"["):
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))  # JSON is written ASCII-only: \udcXX escapes
         else:
-            data = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            data = msgpack.unpackb(raw, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
     except (ValueError, UnicodeDecodeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError) as err:
         raise ProfileError(f"{name}: truncated or not a profile ({type(err).__name__})") from err

@@ -58,7 +58,8 @@ def encode_profile(profile: Profile, fmt: str) -> bytes:
     data: Any = to_dict(profile)
     if fmt == "json":
         return (json.dumps(data, indent=1, sort_keys=False) + "\n").encode()
-    return msgpack.packb(data, use_bin_type=True)
+    # paths are kept byte-exact: undecodable bytes travel as surrogate escapes
+    return msgpack.packb(data, use_bin_type=True, unicode_errors="surrogateescape")
 
 
 def write_profile(profile: Profile, path: str, fmt: str = "") -> None:

@@ -129,3 +129,10 @@ def test_cli_show_missing_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "asbuilt.agent.cli", "show", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "No such file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+def test_undecodable_path_bytes_round_trip(fmt):
+    odd = b"/srv/caf\xe9.conf".decode("utf-8", "surrogateescape")  # as procfs readers decode
+    p = Profile(processes=[Process(pid=1, files=[FileRef(path=odd, kind="config")])])
+    assert parse_profile(encode_profile(p, fmt)).processes[0].files[0].path == odd

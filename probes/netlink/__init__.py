@@ -1,0 +1,1 @@
+"""Netlink readers: sockets via sock_diag, and network-namespace helpers."""

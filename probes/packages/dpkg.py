@@ -1,0 +1,410 @@
+"""dpkg's database: ``/var/lib/dpkg/status``, ``info/<pkg>[:arch].list``, ``info/<pkg>.md5sums``
+and ``/var/lib/dpkg/diversions`` (see dpkg(1), dpkg-query(1), dpkg-divert(1), deb-md5sums(5)).
+
+- Packages come from ``status`` (deb822 paragraphs). A package whose ``Status`` is not
+  ``install ok installed`` (half-installed, unpacked, half-configured ...) still owns its files;
+  asking for it records a gap so the profile says its files may not be what it ships.
+- File ownership comes from every ``info/*.list`` file, read lazily into one dict on the first
+  :meth:`DpkgIndex.owner` call (about 0.2 s for 140 000 paths on a small Debian 12 host).
+- Diversions: a file diverted by package P from ``A`` to ``B`` is, at ``B``, the file that the
+  *other* package ships as ``A``; at ``A`` it is P's own (or the admin's, for a local diversion).
+- Merged /usr: a process maps ``/usr/lib/x86_64-linux-gnu/libc.so.6`` while dpkg lists
+  ``/lib/x86_64-linux-gnu/libc.so.6`` (and the other way round); both spellings are tried, then
+  the realpath under the root filesystem (``index.candidates``).
+- Verify: md5 from ``info/<pkg>.md5sums`` or, for conffiles, the ``Conffiles:`` field of
+  ``status``; files are hashed only on demand and cached by (path, size, mtime).
+- Install time: dpkg records none, so it is the mtime of ``info/<pkg>.list`` (rewritten when the
+  package is unpacked: install or upgrade).
+- Origin: which archive provides the installed version (``apt_origin.py``), computed lazily for
+  the packages actually asked about.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+from ...agent.errors import Denied, from_oserror
+from ...agent.model import Package
+from ..base import GapRecorder, Roots
+from .index import PackageIndex, candidates, merged_dirs, resolve_under
+
+log = logging.getLogger(__name__)
+
+DPKG_DIR = "/var/lib/dpkg"
+# States whose files are on disk but may not be what the package ships.
+UNFINISHED_STATES = ("half-installed", "unpacked", "half-configured")
+_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+# ------------------------------------------------------------------------------ data types
+@dataclass
+class StatusEntry:
+    """One paragraph of ``status``."""
+
+    name: str = ""
+    version: str = ""
+    architecture: str = ""
+    want: str = ""  # install, hold, deinstall, purge, unknown
+    flag: str = ""  # ok, reinstreq
+    state: str = ""  # installed, half-installed, unpacked, config-files ...
+    source: str = ""  # source package name ("Source:" without its version, else the name)
+    multi_arch: str = ""
+    conffiles: Dict[str, str] = field(default_factory=dict)  # path -> md5 ("" when unknown)
+
+    @property
+    def installed(self) -> bool:
+        return self.flag == "ok" and self.state == "installed"
+
+    @property
+    def status(self) -> str:
+        return " ".join(x for x in (self.want, self.flag, self.state) if x)
+
+
+@dataclass
+class Diversion:
+    path: str = ""  # the path the diverted package ships
+    divert_to: str = ""  # where that package's file actually lives
+    package: Optional[str] = None  # the package that diverts; None for a local (admin) diversion
+
+
+# --------------------------------------------------------------------------------- parsers
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def parse_deb822(text: str) -> List[Dict[str, str]]:
+    """Paragraphs of ``Field: value`` lines; continuation lines (leading space/tab) are joined
+    with newlines. Lines that are neither are skipped. Pure."""
+    paras: List[Dict[str, str]] = []
+    cur: Dict[str, str] = {}
+    last = ""
+    for line in text.split("\n"):
+        if not line.strip():
+            if cur:
+                paras.append(cur)
+            cur, last = {}, ""
+            continue
+        if line[0] in " \t":
+            if last:
+                cur[last] += "\n" + line.strip()
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key or " " in key:
+            last = ""
+            continue
+        last = key.strip()
+        cur[last] = value.strip()
+    if cur:
+        paras.append(cur)
+    return paras
+
+
+def parse_conffiles(value: str) -> Dict[str, str]:
+    """The ``Conffiles:`` field: `` /etc/x <md5> [obsolete|remove-on-upgrade]`` per line.
+
+    An md5 that is not 32 hex digits (``newconffile``) maps to "" (unknown). Pure.
+    """
+    out: Dict[str, str] = {}
+    for line in value.split("\n"):
+        parts = line.split()
+        if len(parts) < 2 or not parts[0].startswith("/"):
+            continue
+        out[parts[0]] = parts[1].lower() if _MD5.match(parts[1]) else ""
+    return out
+
+
+def parse_status(text: str) -> List[StatusEntry]:
+    """Every paragraph of ``status`` that names a package. Pure."""
+    out = []
+    for para in parse_deb822(text):
+        name = para.get("Package", "")
+        if not name:
+            continue
+        status = para.get("Status", "").split()
+        want, flag, state = status if len(status) == 3 else ("", "", "")
+        source = para.get("Source", "").split(" ", 1)[0] or name
+        out.append(StatusEntry(
+            name=name, version=para.get("Version", ""), architecture=para.get("Architecture", ""),
+            want=want, flag=flag, state=state, source=source, multi_arch=para.get("Multi-Arch", ""),
+            conffiles=parse_conffiles(para.get("Conffiles", ""))))
+    return out
+
+
+def parse_list(text: str) -> List[str]:
+    """``info/<pkg>.list``: one absolute path per line (``/.`` is the root). Pure."""
+    out = []
+    for line in text.split("\n"):
+        if not line.startswith("/"):
+            continue
+        out.append("/" if line == "/." else line)
+    return out
+
+
+def parse_diversions(text: str) -> List[Diversion]:
+    """``diversions``: groups of three lines (path, diverted-to, package or ``:``). A trailing
+    incomplete group is dropped. Pure."""
+    lines = text.split("\n")
+    out = []
+    for i in range(0, len(lines) - 2, 3):
+        path, to, pkg = lines[i], lines[i + 1], lines[i + 2].strip()
+        if not path.startswith("/") or not to.startswith("/") or not pkg:
+            continue
+        out.append(Diversion(path=path, divert_to=to, package=None if pkg == ":" else pkg))
+    return out
+
+
+def parse_md5sums(text: str) -> Dict[str, str]:
+    """``info/<pkg>.md5sums``: ``<md5>  <path relative to />`` per line -> {"/path": md5}. Pure."""
+    out = {}
+    for line in text.split("\n"):
+        digest, _, rel = line.partition(" ")
+        rel = rel.lstrip(" *")  # two spaces, or " *" for binary mode
+        if not rel or not _MD5.match(digest):
+            continue
+        out["/" + rel.lstrip("/")] = digest.lower()
+    return out
+
+
+# --------------------------------------------------------------------------------- readers
+def _read(path: str) -> str:
+    with open(path, "rb") as fh:
+        return _decode(fh.read())
+
+
+def read_status(roots: Roots) -> List[StatusEntry]:
+    """Raises OSError (the caller records the gap)."""
+    return parse_status(_read(roots.path(DPKG_DIR + "/status")))
+
+
+def read_diversions(roots: Roots) -> List[Diversion]:
+    try:
+        return parse_diversions(_read(roots.path(DPKG_DIR + "/diversions")))
+    except FileNotFoundError:
+        return []
+
+
+# ----------------------------------------------------------------------------------- index
+class DpkgIndex(PackageIndex):
+    """dpkg's view of the root filesystem. ``use_apt_pkg=False`` forces the lists-scan origin."""
+
+    manager = "dpkg"
+
+    def __init__(self, roots: Roots, gaps: GapRecorder, use_apt_pkg: bool = True):
+        self.roots = roots
+        self.gaps = gaps
+        self.use_apt_pkg = use_apt_pkg
+        self.info_dir = roots.path(DPKG_DIR + "/info")
+        self.merged = merged_dirs(roots.rootfs)
+        entries = [e for e in read_status(roots) if e.state and e.state != "not-installed"]
+        by_name: Dict[str, List[StatusEntry]] = {}
+        for e in entries:
+            by_name.setdefault(e.name, []).append(e)
+        # Key: the plain name when one architecture is installed, else name:arch (as dpkg -S).
+        self.entries: Dict[str, StatusEntry] = {}
+        self._alias: Dict[str, str] = {}
+        for name, group in by_name.items():
+            for e in group:
+                key = name if len(group) == 1 else f"{name}:{e.architecture}"
+                self.entries[key] = e
+                self._alias[f"{name}:{e.architecture}"] = key
+                self._alias[key] = key
+            if len(group) == 1:
+                self._alias[name] = name
+        self.diversions = read_diversions(roots)
+        self._div_from = {d.path: d for d in self.diversions}
+        self._div_to = {d.divert_to: d for d in self.diversions}
+        self._files: Optional[Dict[str, object]] = None  # path -> key or tuple of keys
+        self._list_mtime: Dict[str, float] = {}
+        self._list_stem: Dict[str, str] = {}
+        self._md5: Dict[str, Dict[str, str]] = {}
+        self._hash_cache: Dict[Tuple[str, int, int], str] = {}
+        self._seen: Set[str] = set()
+        self._origins: Dict[str, str] = {}
+        self._resolver = None
+        self._gapped: Set[str] = set()
+        self.build_seconds = 0.0
+
+    # ------------------------------------------------------------------ ownership table
+    def _key_for_stem(self, stem: str) -> Optional[str]:
+        key = self._alias.get(stem)
+        if key is None and ":" in stem:
+            key = self._alias.get(stem.split(":", 1)[0])
+        return key
+
+    def _build(self) -> Dict[str, object]:
+        start = time.monotonic()
+        files: Dict[str, object] = {}
+        try:
+            it = os.scandir(self.info_dir)
+        except OSError as err:
+            self.gaps.add("unreadable", "packages", f"dpkg info: {err.strerror or err}")
+            self._files = files
+            return files
+        with it:
+            for de in it:
+                if not de.name.endswith(".list"):
+                    continue
+                stem = de.name[:-5]
+                key = self._key_for_stem(stem)
+                if key is None:
+                    continue  # a list left behind by a purged package
+                try:
+                    self._list_mtime[key] = de.stat().st_mtime
+                    with open(de.path, "rb") as fh:
+                        data = fh.read()
+                except OSError as err:
+                    self.gaps.add("unreadable", f"package {key}", f"{de.name}: {err.strerror or err}")
+                    continue
+                self._list_stem[key] = stem
+                setdefault = files.setdefault
+                for path in parse_list(_decode(data)):
+                    prev = setdefault(path, key)
+                    if prev is not key and prev != key:
+                        if isinstance(prev, tuple):
+                            if key not in prev:
+                                files[path] = prev + (key,)
+                        else:
+                            files[path] = (prev, key)
+        self._files = files
+        self.build_seconds = time.monotonic() - start
+        log.debug("dpkg index built paths=%d packages=%d seconds=%.3f",
+                  len(files), len(self._list_stem), self.build_seconds)
+        return files
+
+    def _owners_of(self, path: str) -> Tuple[str, ...]:
+        files = self._files if self._files is not None else self._build()
+        got = files.get(path)
+        if got is None:
+            return ()
+        return got if isinstance(got, tuple) else (got,)  # type: ignore[return-value]
+
+    def _locate(self, path: str) -> Iterator[Tuple[str, str]]:
+        """(package key, path as the package lists it) for each spelling of ``path`` that a
+        package owns, in the order of ``index.candidates``, diversions applied."""
+        for cand in candidates(self.roots.rootfs, path, self.merged):
+            div = self._div_to.get(cand)
+            if div is not None:  # cand holds the file another package ships as div.path
+                for key in self._owners_of(div.path):
+                    if self.entries[key].name != div.package:
+                        yield key, div.path
+                        break
+                continue
+            div = self._div_from.get(cand)
+            if div is not None:  # cand holds the diverting package's own file (or the admin's)
+                if div.package is not None:
+                    for key in self._owners_of(cand):
+                        if self.entries[key].name == div.package:
+                            yield key, cand
+                            break
+                continue
+            owners = self._owners_of(cand)
+            if owners:
+                yield owners[0], cand
+
+    # ------------------------------------------------------------------------ interface
+    def owner(self, path: str) -> Optional[str]:
+        for key, _ in self._locate(path):
+            self._seen.add(key)
+            return key
+        return None
+
+    def _key(self, name: str) -> str:
+        key = self._alias.get(name)
+        if key is None:
+            raise KeyError(name)
+        return key
+
+    def package(self, name: str) -> Package:
+        key = self._key(name)
+        e = self.entries[key]
+        if not e.installed and key not in self._gapped:
+            self._gapped.add(key)
+            if e.state in UNFINISHED_STATES or e.flag == "reinstreq":
+                self.gaps.add("truncated", f"package {key}",
+                              f"dpkg status '{e.status}': its files may not be what it ships")
+        if self._files is None:
+            self._build()
+        mtime = self._list_mtime.get(key)
+        return Package(name=key, version=e.version, architecture=e.architecture, manager="dpkg",
+                       install_time=mtime, origin=self.origin(key), source=e.source)
+
+    def origin(self, name: str) -> str:
+        """Which archive provides the installed version ("Debian:bookworm/main"), "local" when
+        none does, "unknown" when that cannot be told. Resolves, in one pass, every package
+        owner() has returned so far whose origin is not known yet."""
+        key = self._key(name)
+        if key in self._origins:
+            return self._origins[key]
+        pending = {k for k in self._seen | {key} if k not in self._origins}
+        self._origins.update(self._resolve_origins(pending))
+        return self._origins.setdefault(key, "unknown")
+
+    def _resolve_origins(self, keys: Iterable[str]) -> Dict[str, str]:
+        from . import apt_origin
+        if self._resolver is None:
+            self._resolver = apt_origin.make_resolver(self.roots, self.gaps, self.use_apt_pkg)
+        wanted = {k: (self.entries[k].name, self.entries[k].version, self.entries[k].architecture)
+                  for k in keys}
+        return self._resolver.origins(wanted)
+
+    def _md5sums(self, key: str) -> Dict[str, str]:
+        got = self._md5.get(key)
+        if got is None:
+            e = self.entries[key]
+            got = {}
+            for s in (self._list_stem.get(key) or key, e.name, f"{e.name}:{e.architecture}"):
+                try:
+                    got = parse_md5sums(_read(os.path.join(self.info_dir, s + ".md5sums")))
+                    break
+                except OSError:
+                    continue
+            self._md5[key] = got
+        return got
+
+    def shipped_md5(self, key: str, listed: str) -> str:
+        """The md5 the package shipped for ``listed`` ("" when it records none)."""
+        e = self.entries[key]
+        if listed in e.conffiles:
+            return e.conffiles[listed]
+        return self._md5sums(key).get(listed, "")
+
+    def verify(self, path: str) -> Optional[bool]:
+        for key, listed in self._locate(path):
+            want = self.shipped_md5(key, listed)
+            if not want:
+                continue  # a symlink, a directory, or a package without md5sums: try the next
+            have = self._hash(path)
+            if have is None:
+                return None
+            return have != want
+        return None
+
+    def _hash(self, path: str) -> Optional[str]:
+        host = self.roots.path(path)
+        if not self.roots.live:
+            real = self._real(path)
+            host = self.roots.path(real) if real else host
+        try:
+            with open(host, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                ck = (host, st.st_size, st.st_mtime_ns)
+                got = self._hash_cache.get(ck)
+                if got is not None:
+                    return got
+                h = hashlib.md5()
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as err:
+            if isinstance(from_oserror(err, path), Denied):
+                self.gaps.add("denied", path, "cannot hash it to verify against its package")
+            return None  # vanished or unreadable: cannot tell
+        got = self._hash_cache[ck] = h.hexdigest()
+        return got
+
+    def _real(self, path: str) -> Optional[str]:
+        return resolve_under(self.roots.rootfs, path)

@@ -1,0 +1,54 @@
+"""Shared I/O for the procfs readers: one whole-file read, one readlink, OSError translated once.
+
+Not a kernel file: the helpers every ``read_x`` uses so the OSError → :mod:`agent.errors`
+translation lives in one place. Proc files lie about their size (``st_size`` is 0), so they are
+read with ``os.read`` until EOF, never sized with ``stat``. Text is decoded with
+``surrogateescape``, the same convention ``os.readlink``/``os.listdir`` use for str paths, so a path
+read from ``maps`` compares equal to the same path read from an fd link.
+"""
+from __future__ import annotations
+
+import os
+
+from ...agent.errors import from_oserror
+
+CHUNK = 65536
+_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+def pid_path(proc_root: str, pid: int, name: str) -> str:
+    """``<proc_root>/<pid>/<name>``."""
+    return f"{proc_root}/{pid}/{name}"
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of ``path``; OSError is translated (Vanished, Denied, AsbuiltError)."""
+    try:
+        fd = os.open(path, _FLAGS)
+    except OSError as err:
+        raise from_oserror(err, path) from err
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as err:
+        raise from_oserror(err, path) from err
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_text(path: str) -> str:
+    """The whole content of ``path`` as str (``surrogateescape`` for undecodable bytes)."""
+    return read_bytes(path).decode("utf-8", "surrogateescape")
+
+
+def readlink(path: str) -> str:
+    """The target of the symlink ``path``; OSError is translated."""
+    try:
+        return os.readlink(path)
+    except OSError as err:
+        raise from_oserror(err, path) from err

@@ -1,0 +1,104 @@
+"""``/proc/PID/maps``: the process's memory mappings, one per line.
+
+Kernel documentation: Documentation/filesystems/proc.rst (Table 1-1 "maps" and section 1.1's
+"address perms offset dev inode pathname" description); ``man 5 proc`` (``/proc/[pid]/maps``).
+Reading needs ptrace-read access (EACCES → Denied). The path column is padded with spaces, may
+itself hold spaces (a newline is escaped as ``\\012``), ends in ``" (deleted)"`` for unlinked
+files, and is a pseudo-name for special mappings: ``[heap]``, ``[stack]``, ``[vdso]``,
+``[anon:name]``, ``anon_inode:...``, ``/memfd:name (deleted)``, ``/SYSV... (deleted)`` (SysV shm),
+``/dev/zero (deleted)`` (shared anonymous memory).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List
+
+from ._io import pid_path, read_text
+from .links import DELETED_SUFFIX, Link
+
+_SHARED_LIB = re.compile(r"\.so(\.[0-9]+)*$")
+
+
+@dataclass
+class MapEntry:
+    start: int = 0
+    end: int = 0
+    perms: str = ""  # e.g. r-xp
+    offset: int = 0
+    dev: str = ""  # major:minor in hex, e.g. fe:01
+    inode: int = 0
+    path: str = ""  # without the " (deleted)" suffix; "" for anonymous memory
+    deleted: bool = False
+
+
+@dataclass
+class MappedFiles:
+    """Unique file-backed paths in first-mapped order, with their deleted flag."""
+
+    libraries: List[Link] = field(default_factory=list)  # shared objects: *.so, *.so.N, ld-linux
+    files: List[Link] = field(default_factory=list)  # other mapped files (the executable, caches ...)
+
+
+def parse_maps(text: str) -> List[MapEntry]:
+    """Parse maps text; malformed lines are skipped."""
+    out: List[MapEntry] = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        start, sep, end = parts[0].partition("-")
+        try:
+            entry = MapEntry(start=int(start, 16), end=int(end, 16), perms=parts[1],
+                             offset=int(parts[2], 16), dev=parts[3], inode=int(parts[4]))
+        except ValueError:
+            continue
+        if not sep:
+            continue
+        if len(parts) == 6:
+            path = parts[5]
+            if path.endswith(DELETED_SUFFIX):
+                entry.path, entry.deleted = path[: -len(DELETED_SUFFIX)], True
+            else:
+                entry.path = path
+        out.append(entry)
+    return out
+
+
+def is_shared_library(path: str) -> bool:
+    """``libc.so.6``, ``libfoo.so``, ``_ssl.cpython-311-x86_64-linux-gnu.so``, ``ld-linux-*.so.2``."""
+    base = path.rpartition("/")[2]
+    return bool(_SHARED_LIB.search(base)) or base.startswith("ld-linux")
+
+
+def is_file_backed(path: str, deleted: bool = False) -> bool:
+    """Whether a maps path names a file (not heap/stack/vdso/anon/memfd/SysV shm/shared zero)."""
+    if not path.startswith("/"):
+        return False  # "", [heap], [stack], [vdso], [anon:...], anon_inode:...
+    if path.startswith("/memfd:"):
+        return False
+    if deleted and (path.startswith("/SYSV") or path == "/dev/zero" or path.startswith("/[")):
+        return False  # SysV shm, shared anonymous memory, [aio] rings
+    return True
+
+
+def mapped_files(entries: List[MapEntry]) -> MappedFiles:
+    """The unique file-backed paths, split into shared libraries and other mapped files."""
+    out = MappedFiles()
+    seen = set()
+    for entry in entries:
+        path = entry.path
+        key = (path, entry.deleted)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not is_file_backed(path, entry.deleted):
+            continue
+        link = Link(path, entry.deleted)
+        (out.libraries if is_shared_library(path) else out.files).append(link)
+    return out
+
+
+def read_maps(proc_root: str, pid: int) -> List[MapEntry]:
+    """Read and parse ``/proc/PID/maps``."""
+    return parse_maps(read_text(pid_path(proc_root, pid, "maps")))

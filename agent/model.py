@@ -245,8 +245,9 @@ class Exec:
     ppid: int = 0
     path: str = ""
     argv: List[str] = field(default_factory=list)
-    time: float = 0.0
-    exit_code: Optional[int] = None
+    time: float = 0.0  # first time seen
+    exit_code: Optional[int] = None  # the last one seen
+    count: int = 1  # execs of the same path and argv by the same parent
 
 
 @dataclass
@@ -287,6 +288,7 @@ class Process:
     execs: List[Exec] = field(default_factory=list)
     syscalls: Dict[str, int] = field(default_factory=dict)
     kernel_functions: Dict[str, int] = field(default_factory=dict)
+    instances: int = 1  # short-lived processes of one identity seen during a trace, folded into one
     learned: str = SCAN
     first_seen: float = 0.0
     last_seen: float = 0.0

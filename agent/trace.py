@@ -1,0 +1,331 @@
+"""``asbuilt trace --pid PID``: attach to a running process tree and learn what it does.
+
+The profile starts from a scan of the tree (a daemon opened its config hours ago: only the scan
+knows), then the event probes run for the window — eBPF (exec/fork/exit, opens, syscall counts in
+one bcc object; connect/accept/bind/listen; DNS uprobes; kernel functions where allowed) or, without
+eBPF, the proc connector plus fd polling — and every observation is merged as it is drained.
+At the end a second scan of the traced processes adds what is open now (sockets with the kernel's
+byte counters), packages are attached to every file seen, and the profile is written. Ctrl-C or
+SIGTERM ends the window early and still writes the profile.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from .errors import AsbuiltError, ProbeUnavailable, UsageError
+from .merge import TraceMerger
+from .model import ProbeRun, Profile, TRACE
+from ..probes.base import Context
+
+log = logging.getLogger(__name__)
+
+DRAIN_INTERVAL = 0.5
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``5m``, ``1h``, ``500ms`` or plain seconds; UsageError otherwise."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise UsageError(f"--duration {text!r}: expected e.g. 30s, 5m, 1h")
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if value <= 0:
+        raise UsageError("--duration must be more than zero")
+    return value
+
+
+class Window:
+    """The trace window: ends at the deadline, on Ctrl-C or SIGTERM (handlers restored on exit)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.started = time.monotonic()
+        self.stopped = threading.Event()
+        self.reason = "duration"
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._stop)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _stop(self, signum, frame):
+        self.reason = "interrupted" if signum == signal.SIGINT else "terminated"
+        self.stopped.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True while the window is still open."""
+        left = self.deadline - time.monotonic()
+        if left <= 0 or self.stopped.is_set():
+            return False
+        return not self.stopped.wait(min(seconds, left)) and time.monotonic() < self.deadline
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Progress:
+    """Live progress on stderr: one rewritten line on a terminal, a line every 5 s otherwise."""
+
+    def __init__(self, stream=None, quiet: bool = False):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.quiet = quiet
+        self._last = 0.0
+
+    def update(self, elapsed: float, events: int, facts: int, lost: int, final: bool = False) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if not final and not self.tty and now - self._last < 5:
+            return
+        self._last = now
+        line = f"asbuilt: trace {elapsed:6.1f}s  events {events}  new facts {facts}  lost {lost}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- probe sets
+class ProbeSet:
+    """The event probes of one trace, started together, drained together, stopped together."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.running: List[object] = []  # probes with drain()/stop()
+        self.session = None
+        self.runs: Dict[str, ProbeRun] = {}
+        self.mode = ""
+
+    def _run(self, name: str, status: str, reason: str = "", mode: str = "") -> ProbeRun:
+        run = ProbeRun(name=name, status=status, reason=reason, mode=mode)
+        self.runs[name] = run
+        self.ctx.coverage.probes.append(run)
+        return run
+
+    def start(self, pids: List[int], children: bool, use_ebpf: bool) -> None:
+        ebpf_reason = None if use_ebpf else "--no-ebpf"
+        if use_ebpf:
+            from ..probes.ebpf.tracer import check_bpf
+
+            ebpf_reason = check_bpf(self.ctx)
+        if ebpf_reason is None:
+            try:
+                self._start_ebpf(pids, children)
+                self.mode = "ebpf"
+                return
+            except ProbeUnavailable as err:
+                ebpf_reason = str(err)
+                log.warning("ebpf unavailable, falling back reason=%s", err)
+                self._stop_all()
+        self.mode = "fallback"
+        self._start_fallback(pids, children, ebpf_reason)
+
+    def _start_ebpf(self, pids: List[int], children: bool) -> None:
+        from ..probes.ebpf.files import FilesProbe
+        from ..probes.ebpf.proc import ProcProbe
+        from ..probes.ebpf.syscalls import SyscallsProbe
+        from ..probes.ebpf.tracer import start_together
+
+        t0 = time.monotonic()
+        core = [ProcProbe(), FilesProbe(), SyscallsProbe()]
+        self.session = start_together(self.ctx, core, pids, follow_children=children)
+        for probe in core:
+            self.running.append(probe)
+            self._run(probe.name, "ok", mode="ebpf")
+        log.info("ebpf core attached seconds=%.2f", time.monotonic() - t0)
+        for mod, cls in (("net", "NetProbe"), ("dns", "DnsProbe")):
+            self._start_optional(mod, cls, pids, children)
+        self._kfunc()
+
+    def _start_optional(self, mod: str, cls: str, pids: List[int], children: bool) -> None:
+        import importlib
+
+        probe = getattr(importlib.import_module(f"..probes.ebpf.{mod}", __package__), cls)()
+        reason = probe.check(self.ctx)
+        if reason:
+            self._run(probe.name, "unavailable", reason)
+            return
+        try:
+            probe.start(self.ctx, pids, children)
+        except AsbuiltError as err:
+            self._run(probe.name, "unavailable", str(err))
+            return
+        self.running.append(probe)
+        self._run(probe.name, "ok", mode="ebpf")
+
+    def _kfunc(self) -> None:
+        from ..probes.ebpf import kfunc
+
+        reason = kfunc.check_kprobes()
+        fentry = kfunc.check_fentry() if reason else None
+        if reason and fentry:
+            self._run("kfunc", "unavailable", f"{reason}; {fentry}")
+        else:  # a kernel that allows it (not this one): counted by the kfunc probe
+            probe = kfunc.KfuncProbe()
+            try:
+                probe.start(self.ctx, [], False)
+                self.running.append(probe)
+                self._run("kfunc", "ok", mode="kprobe" if not reason else "fentry")
+            except AsbuiltError as err:
+                self._run("kfunc", "unavailable", str(err))
+
+    def _start_fallback(self, pids: List[int], children: bool, why: str) -> None:
+        from ..probes.fdpoll import FdPollProbe
+        from ..probes.proc_connector import ProcConnectorProbe
+
+        conn = ProcConnectorProbe()
+        reason = conn.check(self.ctx)
+        source = None
+        if reason:
+            self._run("proc_connector", "unavailable", reason)
+        else:
+            conn.start(self.ctx, pids, follow_children=children)
+            self.running.append(conn)
+            source = conn.traced
+            self._run("proc_connector", "ok", f"eBPF unavailable: {why}", mode="fallback")
+        poll = FdPollProbe()
+        poll.start(self.ctx, pids, follow_children=children, pid_source=source)
+        self.running.append(poll)
+        self._run("fdpoll", "ok", f"eBPF unavailable: {why}; polling misses files opened and closed "
+                  "between polls, failed opens and syscalls", mode="fallback-polling")
+        for name in ("syscalls", "dns", "kfunc"):
+            self._run(name, "unavailable", f"needs eBPF ({why})")
+
+    def drain(self) -> List[object]:
+        out: List[object] = []
+        for probe in self.running:
+            try:
+                out.extend(probe.drain())
+            except AsbuiltError as err:
+                log.warning("probe=%s drain failed reason=%s", getattr(probe, "name", "?"), err)
+        return out
+
+    def lost(self) -> int:
+        return sum(getattr(p, "lost_events", 0) for p in self.running) + (
+            getattr(self.session, "proc_lost", 0) if self.session else 0)
+
+    def traced_pids(self) -> List[int]:
+        pids = set()
+        if self.session is not None:
+            pids.update(self.session.traced_pids())
+        for probe in self.running:
+            fn = getattr(probe, "traced", None)
+            if callable(fn):
+                pids.update(fn())
+        return sorted(pids)
+
+    def stop(self) -> List[object]:
+        out = self.drain()
+        self._stop_all()
+        for probe in self.running:
+            run = self.runs.get(getattr(probe, "name", ""))
+            if run is not None:
+                run.lost_events = getattr(probe, "lost_events", 0)
+        return out
+
+    def _stop_all(self) -> None:
+        for probe in self.running:
+            try:
+                if self.session is None or getattr(probe, "session", None) is not self.session:
+                    probe.stop()
+            except Exception as err:  # stopping must never lose the profile
+                log.warning("probe=%s stop failed reason=%s", getattr(probe, "name", "?"), err)
+        if self.session is not None:
+            from ..probes.ebpf.tracer import close_together
+
+            close_together(self.session)
+
+
+# ----------------------------------------------------------------------------------- run
+def tree_of(proc_root: str, pid: int, children: bool) -> List[int]:
+    if not children:
+        return [pid]
+    from ..probes.ebpf.tracer import descendants, parent_map
+
+    return [pid] + list(descendants(parent_map(proc_root), [pid]))
+
+
+def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebpf: bool = True,
+          progress: Optional[Progress] = None) -> Profile:
+    """Trace ``pid`` (and its children) for ``seconds``; returns the merged profile."""
+    from .scan import scan
+
+    if not os.path.exists(os.path.join(ctx.roots.proc, str(pid), "stat")):
+        raise UsageError(f"pid {pid} is not running")
+    progress = progress or Progress(quiet=True)
+    pids = tree_of(ctx.roots.proc, pid, children)
+    want_packages = ctx.options.get("packages", True)
+    ctx.options["packages"] = False  # attached once, at the end, to everything the trace saw
+    profile = scan(ctx, pids=pids)
+    profile.mode, profile.target_pids = "trace", [pid]
+    merger = TraceMerger(profile, ctx)
+    probes = ProbeSet(ctx)
+    t_start = time.time()
+    with Window(seconds) as window:
+        probes.start(pids, children, use_ebpf)
+        ctx.coverage.mode = probes.mode
+        try:
+            while window.wait(DRAIN_INTERVAL):
+                merger.add(probes.drain())
+                progress.update(window.elapsed, merger.events, merger.facts, probes.lost())
+        finally:
+            merger.add(probes.stop())
+    progress.update(window.elapsed, merger.events, merger.facts, probes.lost(), final=True)
+    if window.reason != "duration":
+        ctx.gaps.add("truncated", "trace window", f"ended early ({window.reason}) after {window.elapsed:.1f}s")
+
+    # What is open now: sockets with byte counters, fds of children that appeared.
+    alive = [p for p in merger.pids() if os.path.exists(os.path.join(ctx.roots.proc, str(p)))]
+    if alive:
+        final_ctx = Context(roots=ctx.roots, privileged=ctx.privileged, options=dict(ctx.options))
+        final = scan(final_ctx, pids=alive)
+        merger.merge_scan(final)
+    merger.finish()
+    if want_packages:
+        from ..probes.base import run_snapshot
+        from .scan import PackageProbe
+
+        ctx.coverage.probes[:] = [r for r in ctx.coverage.probes
+                                  if not (r.name == "packages" and r.status == "skipped")]
+        profile.packages = run_snapshot(PackageProbe(profile.processes), ctx) or []
+    profile.started_at = t_start
+    profile.duration_seconds = round(window.elapsed, 3)
+    profile.generated_at = time.time()
+    return profile
+
+
+def run_trace(args) -> int:
+    from ..exporters.files import write_profile
+    from ..exporters.summary import one_line, render
+    from ..probes.base import Roots
+
+    seconds = parse_duration(args.duration)
+    ctx = Context(roots=Roots())
+    if not ctx.privileged:
+        print("asbuilt: not root: tracing needs root; falling back to what this user can see",
+              file=sys.stderr)
+    progress = Progress(quiet=args.quiet)
+    profile = trace(ctx, args.pid, seconds, children=args.children, use_ebpf=not args.no_ebpf,
+                    progress=progress)
+    if args.output:
+        write_profile(profile, args.output)
+        print(f"asbuilt: wrote {args.output}: {one_line(profile)}", file=sys.stderr)
+    if not args.quiet:
+        render(profile, sys.stdout)
+    return 0

@@ -44,7 +44,7 @@ def load(text: str, cflags: Union[list, None] = None):
     except ImportError as err:
         raise ProbeUnavailable("bcc is not installed (Debian: python3-bpfcc)") from err
     try:
-        return BPF(text=text, cflags=list(cflags or []))
+        return BPF(text=text.encode(), cflags=list(cflags or []))
     except Exception as err:  # bcc raises bare Exception on compile/load failure
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ProbeUnavailable(f"eBPF program failed to load: {first}") from err

@@ -92,9 +92,9 @@ class SocketProbe(Probe):
     description = "TCP/UDP/unix sockets via netlink sock_diag, in every network namespace in use"
     needs = ("sock_diag",)
 
-    def __init__(self, netns_pids: Dict[int, List[int]]):
+    def __init__(self, netns_pids: Dict[int, List[int]], root_ns: int):
         self.netns_pids = netns_pids  # netns inode -> pids in it
-        self.root_ns = 0
+        self.root_ns = root_ns  # the host's own namespace: dumped directly
 
     def check(self, ctx: Context) -> Optional[str]:
         if not ctx.roots.live:
@@ -111,10 +111,6 @@ class SocketProbe(Probe):
 
         notes: List[str] = []
         inet, unix = dump_all(notes=notes)
-        try:
-            self.root_ns = nsmod.netns_of(ctx.roots.proc, os.getpid())
-        except AsbuiltError:
-            self.root_ns = 0
         for ns, pids in sorted(self.netns_pids.items()):
             if not ns or ns == self.root_ns:
                 continue
@@ -340,14 +336,15 @@ def scan(ctx: Context, pids: Optional[Iterable[int]] = None) -> Profile:
     netns_pids: Dict[int, List[int]] = {}
     for proc in processes:
         netns_pids.setdefault(proc.netns, []).append(proc.pid)
-    sprobe = SocketProbe(netns_pids)
+    root_ns = host_netns(ctx, netns_pids)
+    sprobe = SocketProbe(netns_pids, root_ns)
     sockets = run_snapshot(sprobe, ctx, count=lambda r: len(r[0]) + len(r[1]))
     if sockets is not None:
         join_sockets(built, sockets[0], sockets[1], sprobe.root_ns, ctx.now)
 
     named = _named_namespaces(ctx)
     host.netns = [NetNamespace(inode=ns, name=named.get(ns, ""), pids=sorted(p))
-                  for ns, p in sorted(netns_pids.items()) if ns and ns != sprobe.root_ns]
+                  for ns, p in sorted(netns_pids.items()) if ns and ns != root_ns]
 
     if ctx.options.get("packages", True):
         profile.packages = run_snapshot(PackageProbe(processes), ctx) or []
@@ -387,6 +384,20 @@ def join_sockets(built: List[Tuple[Process, object]], inet: list, unix: list, ro
         derive_peers(proc, unix_by_inode, owners, now)
         # unix sockets are noise in the stored profile unless named or connected to a peer
         proc.sockets = [s for s in proc.sockets if s.proto != "unix" or s.path or s.state == "LISTEN"]
+
+
+def host_netns(ctx: Context, netns_pids: Dict[int, List[int]]) -> int:
+    """The host's own network namespace: ours when live, else pid 1's, else the most populated."""
+    from ..probes.netlink.netns import netns_of
+    from .errors import AsbuiltError
+
+    for pid in ((os.getpid(),) if ctx.roots.live else ()) + (1,):
+        try:
+            return netns_of(ctx.roots.proc, pid)
+        except AsbuiltError:
+            continue
+    populated = [(len(p), ns) for ns, p in netns_pids.items() if ns]
+    return max(populated)[1] if populated else 0
 
 
 def _named_namespaces(ctx: Context) -> Dict[int, str]:

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--children", dest="children", action="store_true", default=True)
     p.add_argument("--no-children", dest="children", action="store_false")
     p.add_argument("--no-ebpf", action="store_true", help="proc connector and polling only")
+    p.add_argument("--no-packages", action="store_true", help="skip the dpkg/rpm lookup")
+    p.add_argument("--no-capture", action="store_true", help="no packet capture on the process's ports")
+    p.add_argument("--pcap", default="", help="also write the captured packets here (pcap, mode 0600)")
+    p.add_argument("--progress", action="store_true", help="show progress even with --quiet")
     _add_output(p)
 
     for name, text in (("run", "the daemon"), ("export", "migration artifacts from a profile"),

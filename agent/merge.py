@@ -45,6 +45,13 @@ class TraceMerger:
         self.dropped = 0
         self.names: Dict[Tuple[int, str], List[str]] = {}  # (pid, address) -> names resolved to it
         self._seen_pids = set(self.by_pid)
+        self._totals: Dict[tuple, int] = {}  # probes that report running totals: last total per fact
+
+    def _delta(self, key: tuple, total: int) -> int:
+        """The increase of a running total since its last drain (net and dns report totals)."""
+        before = self._totals.get(key, 0)
+        self._totals[key] = max(before, total)
+        return max(0, total - before)
 
     # ---------------------------------------------------------------- processes
     def pids(self) -> List[int]:
@@ -208,7 +215,9 @@ class TraceMerger:
 
     # network
     def _on_NetObservation(self, o) -> None:
-        self.events += o.count or 1
+        count = self._delta(("net", o.pid, o.direction, o.proto, o.family, o.local_addr, o.local_port,
+                             o.peer_addr, o.peer_port, o.error), o.count)
+        self.events += count
         proc = self.process(o.pid, when=o.last_seen)
         if o.direction in ("listen", "bind"):
             if o.direction == "bind" and o.proto == "tcp":
@@ -228,7 +237,7 @@ class TraceMerger:
         inbound = o.direction == "inbound"
         peer = Peer(address=o.peer_addr, port=0 if inbound else o.peer_port, proto=o.proto or "tcp",
                     family=o.family, direction=o.direction, local_port=o.local_port if inbound else 0,
-                    connections=o.count, learned=TRACE, first_seen=o.first_seen, last_seen=o.last_seen)
+                    connections=count, learned=TRACE, first_seen=o.first_seen, last_seen=o.last_seen)
         if o.error:
             peer.details["error"] = o.error
         if getattr(o, "closed", 0):
@@ -247,8 +256,12 @@ class TraceMerger:
                     if getattr(new, attr) is not None:
                         setattr(p, attr, max(getattr(p, attr) or 0, getattr(new, attr)))
                 p.details.update(new.details)
+                if new.protocol:
+                    p.protocol = new.protocol
                 p.learned = learned(p.learned, new.learned)
                 return
+        if new.learned == CAPTURE:
+            new.connections = 0  # captured flows are evidence of a protocol, not a connection count
         if len(proc.peers) >= MAX_PEERS_PER_PROCESS:
             self.dropped += 1
             return
@@ -257,24 +270,92 @@ class TraceMerger:
 
     # dns
     def _on_DnsObservation(self, o) -> None:
-        self.events += o.count or 1
+        count = self._delta(("dns", o.pid, o.name, getattr(o, "result", 0)), o.count)
+        self.events += count
         proc = self.process(o.pid, when=o.last_seen)
         for d in proc.dns:
             if d.name == o.name:
-                d.count += o.count
+                d.count += count
                 d.last_seen = max(d.last_seen, o.last_seen)
                 for a in o.addresses:
                     if a not in d.addresses:
                         d.addresses.append(a)
                 break
         else:
-            proc.dns.append(DnsName(name=o.name, addresses=list(o.addresses), count=o.count, learned=TRACE,
+            proc.dns.append(DnsName(name=o.name, addresses=list(o.addresses), count=count, learned=TRACE,
                                     first_seen=o.first_seen, last_seen=o.last_seen))
             self.facts += 1
         for a in o.addresses:
             names = self.names.setdefault((o.pid, a), [])
             if o.name not in names:
                 names.append(o.name)
+
+    # capture
+    def _on_CaptureObservations(self, o) -> None:
+        for peer in o.peers:
+            self._capture_peer(peer)
+        target = self.by_pid.get(self.profile.target_pids[0]) if self.profile.target_pids else None
+        for n in o.names:
+            if target is None:
+                break
+            count = self._delta(("capture-dns", n.name), n.count)
+            self.events += count
+            for d in target.dns:
+                if d.name == n.name:
+                    d.learned = learned(d.learned, CAPTURE)
+                    d.count += count
+                    d.addresses += [a for a in n.addresses if a not in d.addresses]
+                    break
+            else:
+                target.dns.append(DnsName(name=n.name, addresses=list(n.addresses), count=count,
+                                          learned=CAPTURE, first_seen=n.first_seen, last_seen=n.last_seen))
+                self.facts += 1
+            for a in n.addresses:
+                names = self.names.setdefault((target.pid, a), [])
+                if n.name not in names:
+                    names.append(n.name)
+
+    def _owner_of(self, o) -> Optional[Process]:
+        """The traced process a captured flow belongs to: by its listener, else by its peer."""
+        procs = list(self.by_pid.values())
+        if o.direction == "inbound":
+            for proc in procs:
+                if any(s.local_port == o.local_port and s.proto == o.proto for s in proc.sockets):
+                    return proc
+        for want_addr in (True, False):
+            for proc in procs:
+                for p in proc.peers:
+                    if p.direction == o.direction and p.port == o.port and (not want_addr or p.address == o.address):
+                        return proc
+        return self.by_pid.get(self.profile.target_pids[0]) if self.profile.target_pids else None
+
+    def _capture_peer(self, o) -> None:
+        self.events += 1
+        proc = self._owner_of(o)
+        if proc is None or not o.protocol:
+            return
+        self._peer(proc, Peer(address=o.address, port=o.port, proto=o.proto, family=o.family,
+                              direction=o.direction, local_port=o.local_port, protocol=o.protocol,
+                              details=dict(o.details), learned=CAPTURE, first_seen=o.first_seen,
+                              last_seen=o.last_seen))
+
+    def ports(self) -> Tuple[set, set]:
+        """(ports to capture on, listening ports) of the traced processes, from what is known now.
+
+        Listeners' ports and the service ports of outbound peers; UDP/53 always (names). Ephemeral
+        client ports never: they are the other side's business and change per connection.
+        """
+        ports, listening = {("udp", 53)}, set()
+        for proc in self.by_pid.values():
+            for s in proc.sockets:
+                if s.proto in ("tcp", "udp") and s.local_port and (s.state == "LISTEN" or
+                                                                    (s.proto == "udp" and not s.remote_port)):
+                    listening.add((s.proto, s.local_port))
+            for p in proc.peers:
+                if p.proto in ("tcp", "udp") and p.direction == "outbound" and p.port:
+                    ports.add((p.proto, p.port))
+        ports |= listening
+        return ports, listening
 
     # ------------------------------------------------------------------- final scan
     def merge_scan(self, final: Profile) -> None:

@@ -86,6 +86,16 @@ class Progress:
         self.quiet = quiet
         self._last = 0.0
 
+    def attached(self, pid: int, mode: str, seconds: float, runs: list) -> None:
+        """One line once the probes are attached: what runs, what does not."""
+        if self.quiet:
+            return
+        ok = [r.name for r in runs if r.status == "ok"]
+        off = [f"{r.name} ({r.reason})" for r in runs if r.status != "ok"]
+        self.stream.write(f"asbuilt: tracing pid {pid} mode={mode} attached in {seconds:.1f}s: "
+                          f"{', '.join(ok)}" + (f"; unavailable: {'; '.join(off)}" if off else "") + "\n")
+        self.stream.flush()
+
     def update(self, elapsed: float, events: int, facts: int, lost: int, final: bool = False) -> None:
         if self.quiet:
             return
@@ -111,6 +121,8 @@ class ProbeSet:
         self.session = None
         self.runs: Dict[str, ProbeRun] = {}
         self.mode = ""
+        self.capture = None
+        self.capture_ports: set = set()
 
     def _run(self, name: str, status: str, reason: str = "", mode: str = "") -> ProbeRun:
         run = ProbeRun(name=name, status=status, reason=reason, mode=mode)
@@ -207,11 +219,41 @@ class ProbeSet:
         for name in ("syscalls", "dns", "kfunc"):
             self._run(name, "unavailable", f"needs eBPF ({why})")
 
+    def start_capture(self, ports: set, listening: set, pcap: str = "") -> None:
+        """Port capture on the traced processes' ports (scapy, AF_PACKET + kernel filter)."""
+        from ..probes.capture import CaptureProbe
+
+        probe = CaptureProbe()
+        reason = probe.check(self.ctx)
+        if reason:
+            self._run("capture", "unavailable", reason)
+            return
+        try:
+            probe.start(self.ctx, sorted(ports), pcap_path=pcap or None, listening=sorted(listening))
+        except (AsbuiltError, ValueError) as err:
+            self._run("capture", "unavailable", str(err))
+            return
+        self.capture, self.capture_ports = probe, set(ports)
+        self.running.append(probe)
+        self._run("capture", "ok", mode="af_packet")
+
+    def update_capture(self, ports: set, listening: set) -> None:
+        if self.capture is not None and ports != self.capture_ports:
+            try:
+                self.capture.set_ports(sorted(ports)[:512], listening=sorted(listening))
+                self.capture_ports = set(ports)
+            except (AsbuiltError, ValueError) as err:
+                log.warning("capture ports not updated reason=%s", err)
+
     def drain(self) -> List[object]:
         out: List[object] = []
         for probe in self.running:
             try:
-                out.extend(probe.drain())
+                got = probe.drain()
+                if isinstance(got, list):
+                    out.extend(got)
+                else:
+                    out.append(got)
             except AsbuiltError as err:
                 log.warning("probe=%s drain failed reason=%s", getattr(probe, "name", "?"), err)
         return out
@@ -262,7 +304,7 @@ def tree_of(proc_root: str, pid: int, children: bool) -> List[int]:
 
 
 def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebpf: bool = True,
-          progress: Optional[Progress] = None) -> Profile:
+          progress: Optional[Progress] = None, capture: bool = True, pcap: str = "") -> Profile:
     """Trace ``pid`` (and its children) for ``seconds``; returns the merged profile."""
     from .scan import scan
 
@@ -279,10 +321,16 @@ def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebp
     t_start = time.time()
     with Window(seconds) as window:
         probes.start(pids, children, use_ebpf)
+        if capture:
+            probes.start_capture(*merger.ports(), pcap=pcap)
+        else:
+            probes._run("capture", "skipped", "--no-capture")
         ctx.coverage.mode = probes.mode
+        progress.attached(pid, probes.mode, window.elapsed, [r for r in probes.runs.values()])
         try:
             while window.wait(DRAIN_INTERVAL):
                 merger.add(probes.drain())
+                probes.update_capture(*merger.ports())
                 progress.update(window.elapsed, merger.events, merger.facts, probes.lost())
         finally:
             merger.add(probes.stop())
@@ -317,12 +365,13 @@ def run_trace(args) -> int:
 
     seconds = parse_duration(args.duration)
     ctx = Context(roots=Roots())
+    ctx.options["packages"] = not args.no_packages
     if not ctx.privileged:
         print("asbuilt: not root: tracing needs root; falling back to what this user can see",
               file=sys.stderr)
-    progress = Progress(quiet=args.quiet)
+    progress = Progress(quiet=args.quiet and not args.progress)
     profile = trace(ctx, args.pid, seconds, children=args.children, use_ebpf=not args.no_ebpf,
-                    progress=progress)
+                    progress=progress, capture=not args.no_capture, pcap=args.pcap)
     if args.output:
         write_profile(profile, args.output)
         print(f"asbuilt: wrote {args.output}: {one_line(profile)}", file=sys.stderr)

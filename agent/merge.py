@@ -179,8 +179,9 @@ class TraceMerger:
         self.facts += 1
 
     def _on_FileObservation(self, o) -> None:
-        self.events += o.count or 1
-        self._file(o.pid, o.path, o.mode, o.error, o.count or 1, o.first_seen, o.last_seen)
+        count = self._delta(("file", o.pid, o.path, o.mode, o.error), o.count or 1)  # running totals
+        self.events += count
+        self._file(o.pid, o.path, o.mode, o.error, count, o.first_seen, o.last_seen)
 
     def _on_FdFile(self, o) -> None:
         self.events += 1

@@ -166,9 +166,9 @@ def test_trace_ebpf(tmp_path, network):
     profile, pid, work, log, stderr, out = run_trace(tmp_path, network, [], duration="8s")
     assert profile.mode == "trace" and profile.coverage.mode == "ebpf"
     runs = {r.name: r for r in profile.coverage.probes}
-    for name in ("trace.proc", "trace.files", "trace.syscalls", "net", "dns", "capture"):
+    for name in ("exec", "files", "syscalls", "net", "dns", "capture"):
         assert runs[name].status == "ok", runs[name]
-    assert runs["trace.kfunc" if "trace.kfunc" in runs else "kfunc"].status == "unavailable" and runs["kfunc"].reason
+    assert runs["kfunc"].status == "unavailable" and runs["kfunc"].reason
 
     me = _proc(profile, pid)
     files = {f.path: f for f in me.files}

@@ -353,26 +353,48 @@ class Profile:
 
 
 # ------------------------------------------------------------------------- serialisation
+_PRIMITIVES = (str, int, float, bool, type(None))
+_ALWAYS = ("schema_version", "kind")  # written even at their defaults: they identify the file
+_PLANS: Dict[type, tuple] = {}
+
+
+def _plan(cls: type) -> tuple:
+    """(field name, default) per field of a model class, computed once: to_dict's hot path."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        rows = []
+        for f in dataclasses.fields(cls):
+            if f.name in _ALWAYS:
+                default: Any = _ALWAYS  # a sentinel no value equals
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore[misc]
+            rows.append((f.name, default))
+        plan = _PLANS[cls] = tuple(rows)
+    return plan
+
+
 def to_dict(obj: Any) -> Any:
     """Render a model object as plain dicts/lists, leaving out fields at their default (compact)."""
-    if dataclasses.is_dataclass(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.name in ("schema_version", "kind"):
-                out[f.name] = value
-                continue
-            if f.default is not dataclasses.MISSING and value == f.default:
-                continue
-            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-                continue
-            out[f.name] = to_dict(value)
-        return out
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, _PRIMITIVES):
+        return obj
+    if isinstance(obj, list):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
         return {str(k): to_dict(v) for k, v in obj.items()}
-    return obj
+    plan = _PLANS.get(type(obj))
+    if plan is None:
+        if not dataclasses.is_dataclass(obj):
+            return [to_dict(v) for v in obj] if isinstance(obj, tuple) else obj
+        plan = _plan(type(obj))
+    out = {}
+    for name, default in plan:
+        value = getattr(obj, name)
+        if value is default or value == default:
+            continue
+        out[name] = value if isinstance(value, _PRIMITIVES) else to_dict(value)
+    return out
 
 
 _HINTS: Dict[type, Dict[str, Any]] = {}

@@ -6,6 +6,7 @@ both by the scan and the trace say so in ``learned`` (``scan+trace``).
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -27,6 +28,14 @@ def learned(a: str, b: str) -> str:
     """Union of two ``learned`` values, in the canonical order: ``scan+trace``."""
     parts = set(filter(None, (a or "").split("+") + (b or "").split("+")))
     return "+".join(p for p in _ORDER if p in parts) or b
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _mode_union(a: str, b: str) -> str:
@@ -241,8 +250,6 @@ class TraceMerger:
                     connections=count, learned=TRACE, first_seen=o.first_seen, last_seen=o.last_seen)
         if o.error:
             peer.details["error"] = o.error
-        if getattr(o, "closed", 0):
-            peer.details["closed"] = str(o.closed)
         self._peer(proc, peer)
 
     def _peer(self, proc: Process, new: Peer) -> None:
@@ -273,6 +280,8 @@ class TraceMerger:
     def _on_DnsObservation(self, o) -> None:
         count = self._delta(("dns", o.pid, o.name, getattr(o, "result", 0)), o.count)
         self.events += count
+        if _is_address(o.name):
+            return  # getaddrinfo("10.0.0.5") resolves nothing: not a name
         proc = self.process(o.pid, when=o.last_seen)
         for d in proc.dns:
             if d.name == o.name:

@@ -233,3 +233,57 @@ def test_trace_bad_pid_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "asbuilt.agent.cli", "trace", "--pid", "1",
                         "--duration", "soon"], capture_output=True, text=True)
     assert r.returncode == 2 and "--duration" in r.stderr and r.stderr.count("\n") == 1
+
+
+HTTP_CLIENT = textwrap.dedent("""
+    import sys, time, urllib.request
+    sys.stdin.readline()
+    req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/orders/12345?token=abc",
+                                 headers={"User-Agent": "curl/8.0", "Host": "shop.asbuilt.test"})
+    urllib.request.urlopen(req).read()   # teaches the capture filter this port (eBPF connect)
+    time.sleep(1.5)                      # a drain and a filter update
+    urllib.request.urlopen(req).read()   # captured from its first packet
+    print("done", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_trace_capture_identifies_http_peer(tmp_path):
+    """Capture during trace: the protocol spoken is recorded on the right peer of the right process."""
+    server = subprocess.Popen([PY, "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    port = int(server.stdout.readline().split(" port ")[1].split()[0])
+    (tmp_path / "orders").mkdir()
+    (tmp_path / "orders" / "12345").write_text("{}")
+    client = subprocess.Popen([PY, "-c", HTTP_CLIENT, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    out = tmp_path / "t.json"
+    pcap = tmp_path / "t.pcap"
+    tracer = subprocess.Popen([sys.executable, "-m", "asbuilt.agent.cli", "trace", "--pid", str(client.pid),
+                               "--duration", "6s", "-o", str(out), "--pcap", str(pcap), "-q", "--progress"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for line in tracer.stderr:
+            if "attached in" in line:
+                break
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "done"
+        rest = tracer.stderr.read()
+        assert tracer.wait(timeout=60) == 0, rest
+    finally:
+        for p in (client, server, tracer):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    profile = load_profile(str(out))
+    runs = {r.name: r for r in profile.coverage.probes}
+    assert runs["capture"].status == "ok", runs["capture"]
+    me = _proc(profile, client.pid)
+    (peer,) = [p for p in me.peers if p.port == port and p.direction == "outbound"]
+    assert peer.protocol == "http" and "capture" in peer.learned
+    assert peer.details.get("host") == "shop.asbuilt.test"
+    assert "abc" not in json.dumps(peer.details)  # the query string is never kept
+    assert peer.details.get("path") == "/orders/{id}" and peer.connections == 2
+    assert "127.0.0.1" not in peer.names  # getaddrinfo of a literal address names nothing
+    assert pcap.exists() and oct(os.stat(pcap).st_mode & 0o777) == "0o600"

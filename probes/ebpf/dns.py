@@ -12,16 +12,15 @@ resolver): no libc to probe; names come later from the UDP/53 capture. ``gethost
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from ...agent.errors import AsbuiltError, Vanished
+from ..netlink.sock_diag import ip_text
 from ..base import Context, Probe
 from ..features import check_bcc, check_uprobes, tracepoint_exists
 from ..procfs.maps import MapEntry, read_maps
@@ -86,14 +85,6 @@ def find_libcs(proc_root: str, pid: int) -> List[Libc]:
             open_path = os.path.join(proc_root, str(pid), "root", entry.path.lstrip("/"))
         out.append(Libc(pid=pid, path=entry.path, open_path=open_path))
     return out
-
-
-def _address_text(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == socket.AF_INET6:
-        return str(ipaddress.IPv6Address(raw[:16]))
-    return ""
 
 
 class DnsProbe(Probe):
@@ -224,7 +215,7 @@ class DnsProbe(Probe):
     def _observation(self, key, stat) -> DnsObservation:
         addresses: List[str] = []
         for i in range(min(int(stat.naddrs), len(stat.family))):
-            text = _address_text(int(stat.family[i]), bytes(stat.addr)[i * 16:(i + 1) * 16])
+            text = ip_text(int(stat.family[i]), bytes(stat.addr)[i * 16:(i + 1) * 16])
             if text and text not in addresses:
                 addresses.append(text)
         result = int(key.result)

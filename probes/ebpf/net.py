@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from ...agent.errors import AsbuiltError, Vanished, from_oserror
+from ..netlink.sock_diag import ip_text
 from ..base import Context, Probe
 from ..features import check_bcc, tracepoint_exists
 from ..procfs.fd import read_fds
@@ -166,14 +167,6 @@ def tree_pids(proc_root: str, pids: Iterable[int], follow_children: bool) -> Set
                 out.add(child)
                 todo.append(child)
     return out
-
-
-def _ip_text(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == socket.AF_INET6:
-        return str(ipaddress.IPv6Address(raw[:16]))
-    return ""
 
 
 def _errno_name(value: int) -> str:
@@ -340,7 +333,7 @@ class NetProbe(Probe):
             first_seen=self._wall(int(stat.first_ns)), last_seen=self._wall(int(stat.last_ns)),
             closed=int(stat.closed), duration_seconds=round(int(stat.duration_ns) / 1e9, 6))
         path = bytes(key.path).split(b"\0", 1)[0].decode("utf-8", "replace")
-        where = path if family == socket.AF_UNIX else _ip_text(family, bytes(key.addr))
+        where = path if family == socket.AF_UNIX else ip_text(family, bytes(key.addr))
         listener = self._resolve_listen(int(key.tgid), int(key.fd) - 1) if key.fd else None
         if direction == OUTBOUND:
             obs.peer_addr, obs.peer_port = where, int(key.port)

@@ -157,6 +157,13 @@ _ADDR_CACHE_MAX = 8192
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
+def ip_text(family: int, raw: bytes) -> str:
+    """:func:`format_address` for AF_INET/AF_INET6, "" for any other family (eBPF probes' addresses)."""
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    return format_address(family, raw)
+
+
 def format_address(family: int, raw: bytes) -> str:
     """Render a sockid address (16 bytes, network order) of ``family``; cached."""
     key = (family, raw)

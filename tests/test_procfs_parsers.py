@@ -435,3 +435,19 @@ def test_parse_limits():
 ])
 def test_parse_limits_edge(text, expected):
     assert parse_limits(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    MAPS, "", "garbage\n", MAPS[: len(MAPS) // 2], MAPS.replace("/usr/bin/cat", "/usr/bin/c at (deleted)"),
+    "7f00-7f01 r-xp 00000000 fe:00 1 /opt/app/lib/libx.so.1 (deleted)\n7f01-7f02 r--p 0 00:00 0 [heap]\n",
+    "7f00-7f01 r-xp 00000000 fe:00 1 /memfd:jit (deleted)\n7f01-7f02 r--p 0 fe:00 2 /dev/zero (deleted)\n",
+    "zzzz-56524576a000 r--p 00000000 fe:00 1 /x",  # bad hex
+    "565245768000-56524576a000 r--p 00000000 fe:00 abc /x",  # bad inode
+    "565245768000-56524576a000 r--p 00000000 fe:00",  # truncated line
+    "garbage\n565245768000-56524576a000 r--p 00000000 fe:00 1 /x\n1-2",
+])
+def test_parse_mapped_files_equals_the_full_parse(text):
+    """The fast path gives exactly what mapped_files(parse_maps(...)) gives, on good and bad input."""
+    from asbuilt.probes.procfs.maps import mapped_files, parse_mapped_files, parse_maps
+
+    assert parse_mapped_files(text) == mapped_files(parse_maps(text))

@@ -29,7 +29,7 @@ from .cmdline import read_cmdline
 from .environ import read_environ
 from .limits import Limit, read_limits
 from .links import Link, parse_link, read_cwd, read_exe, read_netns_inode, read_root
-from .maps import mapped_files, read_maps
+from .maps import read_mapped_files
 from .stat import Stat, read_stat
 from .status import Status, read_status
 
@@ -139,9 +139,8 @@ def read_process(proc_root: str, pid: int, with_maps: bool = True, with_fds: boo
     if not stat.kernel_thread:
         info.limits = _part(info, "limits", read_limits, proc_root) or []
         if with_maps:
-            entries = _part(info, "maps", read_maps, proc_root)
-            if entries:
-                files = mapped_files(entries)
+            files = _part(info, "maps", read_mapped_files, proc_root)
+            if files is not None:
                 info.libraries, info.mapped_files = files.libraries, files.files
         if with_fds:
             _read_fds(info, proc_root)

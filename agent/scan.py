@@ -127,7 +127,6 @@ class SocketProbe(Probe):
         return None if feat.ok else feat.detail
 
     def collect(self, ctx: Context) -> Tuple[list, list]:
-        from ..probes.netlink import netns as nsmod
         from ..probes.netlink.sock_diag import dump_all
         from .errors import AsbuiltError, Vanished
 

@@ -17,11 +17,11 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from .errors import AsbuiltError, ProbeUnavailable, UsageError
 from .merge import TraceMerger
-from .model import ProbeRun, Profile, TRACE
+from .model import ProbeRun, Profile
 from ..probes.base import Context
 
 log = logging.getLogger(__name__)
@@ -296,11 +296,9 @@ class ProbeSet:
 
 # ----------------------------------------------------------------------------------- run
 def tree_of(proc_root: str, pid: int, children: bool) -> List[int]:
-    if not children:
-        return [pid]
-    from ..probes.ebpf.tracer import descendants, parent_map
+    from ..probes.procfs.pids import descendants, read_parents
 
-    return [pid] + list(descendants(parent_map(proc_root), [pid]))
+    return [pid] + (descendants(read_parents(proc_root), [pid]) if children else [])
 
 
 def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebpf: bool = True,

@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 from ..agent.errors import AsbuiltError, Denied, Vanished, from_oserror
 from ..agent.model import ProbeRun
 from .base import Context, Probe
-from .proc_connector import descendants, read_ppids
+from .procfs.pids import descendants, read_parents
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +268,13 @@ class FdPollProbe(Probe):
     def _rescan(self) -> None:
         self._last_rescan = time.monotonic()
         try:
-            ppids = read_ppids(self._proc)
+            ppids = read_parents(self._proc)
         except AsbuiltError as err:
             log.debug("probe=%s rescan failed: %s", self.name, err)
             return
         with self._lock:
             roots = set(self._active)
-        self.add_pids(descendants(ppids, roots) - roots)
+        self.add_pids(set(descendants(ppids, roots)))
 
     def _loop(self) -> None:
         try:

@@ -68,6 +68,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Union
 from ..agent.errors import AsbuiltError, Denied, Vanished, from_oserror
 from ..agent.model import Exec, ProbeRun
 from .base import Context, Probe
+from .procfs.pids import descendants, read_parents
 
 log = logging.getLogger(__name__)
 
@@ -299,41 +300,6 @@ def parse_stat_ppid(text: str) -> int:
     if not sep or len(fields) < 2:
         raise ValueError("malformed /proc/PID/stat")
     return int(fields[1])
-
-
-def read_ppids(proc_root: str) -> Dict[int, int]:
-    """pid -> ppid for every process in ``proc_root``; processes that vanish mid-scan are skipped."""
-    out: Dict[int, int] = {}
-    try:
-        names = os.listdir(proc_root)
-    except OSError as err:
-        raise from_oserror(err, proc_root) from err
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(os.path.join(proc_root, name, "stat"), "rb") as fh:
-                text = fh.read().decode("utf-8", "replace")
-            out[int(name)] = parse_stat_ppid(text)
-        except (OSError, ValueError):
-            continue  # vanished between listdir and read, or unreadable: not a descendant we can see
-    return out
-
-
-def descendants(ppids: Dict[int, int], roots: Iterable[int]) -> Set[int]:
-    """``roots`` plus every process below them in the pid -> ppid map (pure)."""
-    children: Dict[int, List[int]] = {}
-    for pid, ppid in ppids.items():
-        children.setdefault(ppid, []).append(pid)
-    seen: Set[int] = set()
-    stack = list(roots)
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        stack.extend(children.get(pid, ()))
-    return seen
 
 
 def read_exe(proc_root: str, pid: int) -> str:
@@ -610,12 +576,12 @@ class ProcConnectorProbe(Probe):
         self._conn = conn
         targets = set(int(p) for p in pids)
         try:
-            ppids = read_ppids(self._proc)
+            ppids = read_parents(self._proc)
         except AsbuiltError:
             self._conn = None
             conn.close()
             raise
-        traced = descendants(ppids, targets) if follow_children else set(targets)
+        traced = (set(targets) | set(descendants(ppids, targets))) if follow_children else set(targets)
         with self._lock:
             self._traced = traced
             self._ppid = {p: ppids.get(p, 0) for p in traced}

@@ -169,11 +169,17 @@ def test_parse_cmdline(raw, argv):
 
 
 def test_descendants():
+    """The traced tree the connector seeds: roots plus descendants (probes/procfs/pids.py)."""
+    from asbuilt.probes.procfs.pids import descendants
+
+    def tree(ppids, roots):
+        return set(roots) | set(descendants(ppids, roots))
+
     ppids = {1: 0, 10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
-    assert pc.descendants(ppids, [10]) == {10, 11, 12, 13}
-    assert pc.descendants(ppids, [21]) == {21}
-    assert pc.descendants(ppids, [99]) == {99}
-    assert pc.descendants({5: 6, 6: 5}, [5]) == {5, 6}  # a cycle (pid reuse mid-scan) terminates
+    assert tree(ppids, [10]) == {10, 11, 12, 13}
+    assert tree(ppids, [21]) == {21}
+    assert tree(ppids, [99]) == {99}
+    assert tree({5: 6, 6: 5}, [5]) == {5, 6}  # a cycle (pid reuse mid-scan) terminates
 
 
 def test_to_execs_attaches_exit_codes():

@@ -25,7 +25,7 @@ from ..base import Context, Probe
 from ..features import check_bcc, check_uprobes, tracepoint_exists
 from ..procfs.maps import MapEntry, read_maps
 from . import loader
-from .net import tree_pids
+from ..procfs.pids import process_tree
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DnsProbe(Probe):
         self.compile_seconds = time.monotonic() - began
         self._clock_offset = time.time() - time.monotonic()
         traced = self.bpf[b"dns_traced"]
-        tree = sorted(tree_pids(ctx.roots.proc, pids, follow_children))
+        tree = sorted(process_tree(ctx.roots.proc, pids, follow_children))
         for pid in tree:
             traced[traced.Key(pid)] = traced.Leaf(1)
         began = time.monotonic()

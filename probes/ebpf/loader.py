@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Dict, Union
+from typing import Union
 
 from ...agent.errors import ProbeUnavailable
 

@@ -21,15 +21,14 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ...agent.errors import AsbuiltError, Vanished, from_oserror
 from ..netlink.sock_diag import ip_text
+from ..procfs.pids import process_tree
 from ..base import Context, Probe
 from ..features import check_bcc, tracepoint_exists
 from ..procfs.fd import read_fds
-from ..procfs.pids import list_pids
-from ..procfs.stat import read_stat
 from . import loader
 
 log = logging.getLogger(__name__)
@@ -149,24 +148,6 @@ def read_listeners(proc_root: str, pid: int) -> Dict[int, Listener]:
 
 
 # ------------------------------------------------------------------------------- traced tree
-def tree_pids(proc_root: str, pids: Iterable[int], follow_children: bool) -> Set[int]:
-    """``pids`` plus, when following children, every live descendant (from /proc/*/stat ppid)."""
-    roots = {int(p) for p in pids}
-    if not follow_children:
-        return roots
-    children: Dict[int, List[int]] = {}
-    for pid in list_pids(proc_root):
-        try:
-            children.setdefault(read_stat(proc_root, pid).ppid, []).append(pid)
-        except AsbuiltError:
-            continue  # vanished while listing: not part of the tree any more
-    out, todo = set(roots), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
 
 
 def _errno_name(value: int) -> str:
@@ -215,7 +196,7 @@ class NetProbe(Probe):
         self.compile_seconds = time.monotonic() - began
         self._clock_offset = time.time() - time.monotonic()
         traced = self.bpf[b"net_traced"]
-        for pid in sorted(tree_pids(ctx.roots.proc, pids, follow_children)):
+        for pid in sorted(process_tree(ctx.roots.proc, pids, follow_children)):
             traced[traced.Key(pid)] = traced.Leaf(1)
             self._seed_listeners(pid)
         self.bpf[b"net_events"].open_perf_buffer(self._on_event, page_cnt=64, lost_cb=self._on_lost)

@@ -17,10 +17,11 @@ import ctypes
 import logging
 import os
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ...agent.errors import from_oserror
 from ..base import Context, Probe
+from ..procfs.pids import descendants, read_parents as parent_map  # noqa: F401  (exported)
 from . import loader
 
 log = logging.getLogger(__name__)
@@ -76,42 +77,6 @@ def read_ppid(proc_root: str, pid: int) -> int:
     ppid = parse_stat_ppid(text)
     return 0 if ppid is None else ppid
 
-
-def parent_map(proc_root: str) -> Dict[int, int]:
-    """pid → ppid for every process under ``proc_root`` (vanished ones skipped)."""
-    out: Dict[int, int] = {}
-    try:
-        names = os.listdir(proc_root)
-    except OSError as err:
-        raise from_oserror(err, proc_root) from err
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(os.path.join(proc_root, name, "stat"), encoding="utf-8", errors="replace") as fh:
-                ppid = parse_stat_ppid(fh.read())
-        except OSError:
-            continue  # vanished between listdir and open: normal
-        if ppid is not None:
-            out[int(name)] = ppid
-    return out
-
-
-def descendants(parents: Dict[int, int], roots: Iterable[int]) -> List[int]:
-    """Every descendant of ``roots`` in a pid → ppid map (pure), in breadth-first order."""
-    children: Dict[int, List[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    out: List[int] = []
-    seen = set(roots)
-    queue = list(roots)
-    while queue:
-        for child in sorted(children.get(queue.pop(0), ())):
-            if child not in seen:
-                seen.add(child)
-                out.append(child)
-                queue.append(child)
-    return out
 
 
 def read_link(path: str) -> str:

@@ -9,18 +9,11 @@ from __future__ import annotations
 import os
 import re
 
-from ...agent.errors import Vanished, from_oserror
+from ...agent.errors import Vanished
+from ..procfs._io import read_text
 
 MACHINE_ID_PATHS = ("etc/machine-id", "var/lib/dbus/machine-id")
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-    except OSError as err:
-        raise from_oserror(err, path) from err
 
 
 def parse_hostname(text: str) -> str:
@@ -30,7 +23,7 @@ def parse_hostname(text: str) -> str:
 
 
 def read_hostname(proc_root: str) -> str:
-    return parse_hostname(_read(os.path.join(proc_root, "sys", "kernel", "hostname")))
+    return parse_hostname(read_text(os.path.join(proc_root, "sys", "kernel", "hostname")))
 
 
 def parse_machine_id(text: str) -> str:
@@ -43,7 +36,7 @@ def read_machine_id(rootfs: str) -> str:
     """The machine id from the first of ``MACHINE_ID_PATHS`` that exists under ``rootfs``."""
     for rel in MACHINE_ID_PATHS:
         try:
-            return parse_machine_id(_read(os.path.join(rootfs, rel)))
+            return parse_machine_id(read_text(os.path.join(rootfs, rel)))
         except Vanished:
             continue
     raise Vanished(f"{os.path.join(rootfs, MACHINE_ID_PATHS[0])}: absent")

@@ -7,16 +7,8 @@ from __future__ import annotations
 
 import os
 
-from ...agent.errors import from_oserror
 from ...agent.model import Kernel
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-    except OSError as err:
-        raise from_oserror(err, path) from err
+from ..procfs._io import read_text
 
 
 def parse_kernel(osrelease: str, version: str, machine: str = "") -> Kernel:
@@ -26,5 +18,5 @@ def parse_kernel(osrelease: str, version: str, machine: str = "") -> Kernel:
 
 def read_kernel(proc_root: str, live: bool) -> Kernel:
     base = os.path.join(proc_root, "sys", "kernel")
-    return parse_kernel(_read(os.path.join(base, "osrelease")), _read(os.path.join(base, "version")),
+    return parse_kernel(read_text(os.path.join(base, "osrelease")), read_text(os.path.join(base, "version")),
                         os.uname().machine if live else "")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Dict
 
-from ...agent.errors import from_oserror
+
+from ..procfs._io import read_text
 
 
 def _parse_ids(text: str, id_field: int, min_fields: int) -> Dict[int, str]:
@@ -40,17 +41,9 @@ def parse_group(text: str) -> Dict[int, str]:
     return _parse_ids(text, 2, 3)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-    except OSError as err:
-        raise from_oserror(err, path) from err
-
-
 def read_passwd(rootfs: str) -> Dict[int, str]:
-    return parse_passwd(_read(os.path.join(rootfs, "etc", "passwd")))
+    return parse_passwd(read_text(os.path.join(rootfs, "etc", "passwd")))
 
 
 def read_group(rootfs: str) -> Dict[int, str]:
-    return parse_group(_read(os.path.join(rootfs, "etc", "group")))
+    return parse_group(read_text(os.path.join(rootfs, "etc", "group")))

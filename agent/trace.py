@@ -331,10 +331,11 @@ def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebp
                 probes.update_capture(*merger.ports())
                 progress.update(window.elapsed, merger.events, merger.facts, probes.lost())
         finally:
+            window_seconds = window.elapsed  # the window, not the detach that follows (~3 s in bcc)
             merger.add(probes.stop())
-    progress.update(window.elapsed, merger.events, merger.facts, probes.lost(), final=True)
+    progress.update(window_seconds, merger.events, merger.facts, probes.lost(), final=True)
     if window.reason != "duration":
-        ctx.gaps.add("truncated", "trace window", f"ended early ({window.reason}) after {window.elapsed:.1f}s")
+        ctx.gaps.add("truncated", "trace window", f"ended early ({window.reason}) after {window_seconds:.1f}s")
 
     # What is open now: sockets with byte counters, fds of children that appeared.
     alive = [p for p in merger.pids() if os.path.exists(os.path.join(ctx.roots.proc, str(p)))]
@@ -351,7 +352,7 @@ def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebp
                                   if not (r.name == "packages" and r.status == "skipped")]
         profile.packages = run_snapshot(PackageProbe(profile.processes), ctx) or []
     profile.started_at = t_start
-    profile.duration_seconds = round(window.elapsed, 3)
+    profile.duration_seconds = round(window_seconds, 3)
     profile.generated_at = time.time()
     return profile
 

@@ -287,3 +287,16 @@ def test_trace_capture_identifies_http_peer(tmp_path):
     assert peer.details.get("path") == "/orders/{id}" and peer.connections == 2
     assert "127.0.0.1" not in peer.names  # getaddrinfo of a literal address names nothing
     assert pcap.exists() and oct(os.stat(pcap).st_mode & 0o777) == "0o600"
+
+
+def test_duration_is_the_window_not_the_detach(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    out = tmp_path / "t.json"
+    try:
+        r = subprocess.run([sys.executable, "-m", "asbuilt.agent.cli", "trace", "--pid", str(sleeper.pid),
+                            "--duration", "2s", "--no-capture", "-q", "-o", str(out)], capture_output=True, text=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert r.returncode == 0, r.stderr
+    assert 2.0 <= load_profile(str(out)).duration_seconds < 2.6

@@ -201,7 +201,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 }
 
 // ---------------------------------------------------------------------------- connect
-TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+// connect and bind entry: the user sockaddr and fd, kept until the syscall returns.
+static __always_inline int net_sockaddr_enter(u64 uaddr, int addrlen, u32 fd, u8 direction, u8 op)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
@@ -210,16 +211,21 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     struct net_pending *p = net_scratch_get();
     if (!p)
         return 0;
-    if (net_read_sockaddr(&p->key, (u64)args->uservaddr, (int)args->addrlen) != 0)
+    if (net_read_sockaddr(&p->key, uaddr, addrlen) != 0)
         return 0;
     p->key.tgid = tgid;
-    p->key.direction = NET_DIR_OUT;
+    p->key.direction = direction;
     p->key.proto = p->key.family == NET_AF_UNIX ? NET_PROTO_UNIX : NET_PROTO_UNKNOWN;
-    p->op = NET_OP_CONNECT;
-    p->fd = args->fd;
+    p->op = op;
+    p->fd = fd;
     if (net_pending.update(&id, p) != 0)
         net_count_drop(1);
     return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    return net_sockaddr_enter((u64)args->uservaddr, (int)args->addrlen, args->fd, NET_DIR_OUT, NET_OP_CONNECT);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
@@ -339,23 +345,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 // ---------------------------------------------------------------------------- bind / listen
 TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    if (!net_is_traced(tgid))
-        return 0;
-    struct net_pending *p = net_scratch_get();
-    if (!p)
-        return 0;
-    if (net_read_sockaddr(&p->key, (u64)args->umyaddr, (int)args->addrlen) != 0)
-        return 0;
-    p->key.tgid = tgid;
-    p->key.direction = NET_DIR_BIND;
-    p->key.proto = p->key.family == NET_AF_UNIX ? NET_PROTO_UNIX : NET_PROTO_UNKNOWN;
-    p->op = NET_OP_BIND;
-    p->fd = args->fd;
-    if (net_pending.update(&id, p) != 0)
-        net_count_drop(1);
-    return 0;
+    return net_sockaddr_enter((u64)args->umyaddr, (int)args->addrlen, args->fd, NET_DIR_BIND, NET_OP_BIND);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_bind)

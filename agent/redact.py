@@ -245,15 +245,20 @@ def _family(arg: str) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------- free text
-def _kv_sub(m: "re.Match[str]") -> str:
-    name, value = m.group(1), m.group(3)
+def _redacts(name: str, value: str) -> bool:
+    """Whether ``name=value`` / ``--name value`` (value maybe quoted) loses its value."""
     if value.startswith(REDACTED):
-        return m.group(0)  # done by the query-string pass
+        return False  # done by the query-string pass
     cls = secret_class(name)
     if cls == NOT_SECRET:
-        return m.group(0)
+        return False
     inner = value[1:-1] if value[:1] in "\"'" and len(value) >= 2 else value
-    if _keeps_value(cls, inner):
+    return not _keeps_value(cls, inner)
+
+
+def _kv_sub(m: "re.Match[str]") -> str:
+    name, value = m.group(1), m.group(3)
+    if not _redacts(name, value):
         return m.group(0)
     if value[:1] in "\"'":
         return name + "=" + value[0] + REDACTED + value[0]
@@ -274,13 +279,7 @@ def _query_sub(m: "re.Match[str]") -> str:
 
 def _flag_sub(m: "re.Match[str]") -> str:
     name, value = m.group(1), m.group(3)
-    if value.startswith(REDACTED):
-        return m.group(0)  # done by the query-string pass
-    cls = secret_class(name)
-    if cls == NOT_SECRET:
-        return m.group(0)
-    inner = value[1:-1] if value[:1] in "\"'" and len(value) >= 2 else value
-    if _keeps_value(cls, inner):
+    if not _redacts(name, value):
         return m.group(0)
     return name + m.group(2) + REDACTED
 

@@ -201,6 +201,17 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 }
 
 // ---------------------------------------------------------------------------- connect
+// The entry a syscall's enter left for its exit, when it is of this op (else dropped): NULL if none.
+static __always_inline struct net_pending *net_pending_take(u64 id, u8 op)
+{
+    struct net_pending *p = net_pending.lookup(&id);
+    if (p && p->op != op) {
+        net_pending.delete(&id);
+        return 0;
+    }
+    return p;
+}
+
 // connect and bind entry: the user sockaddr and fd, kept until the syscall returns.
 static __always_inline int net_sockaddr_enter(u64 uaddr, int addrlen, u32 fd, u8 direction, u8 op)
 {
@@ -231,13 +242,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
     u64 id = bpf_get_current_pid_tgid();
-    struct net_pending *p = net_pending.lookup(&id);
+    struct net_pending *p = net_pending_take(id, NET_OP_CONNECT);
     if (!p)
         return 0;
-    if (p->op != NET_OP_CONNECT) {
-        net_pending.delete(&id);
-        return 0;
-    }
     long ret = args->ret;
     if (ret == -NET_EALREADY || ret == -NET_EISCONN) {  // re-polling a non-blocking connect
         net_pending.delete(&id);
@@ -351,13 +358,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 TRACEPOINT_PROBE(syscalls, sys_exit_bind)
 {
     u64 id = bpf_get_current_pid_tgid();
-    struct net_pending *p = net_pending.lookup(&id);
+    struct net_pending *p = net_pending_take(id, NET_OP_BIND);
     if (!p)
         return 0;
-    if (p->op != NET_OP_BIND) {
-        net_pending.delete(&id);
-        return 0;
-    }
     long ret = args->ret;
     p->key.error = ret == 0 ? 0 : (s32)-ret;
     net_record(args, &p->key);

@@ -75,10 +75,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show progress even with --quiet")
     _add_output(p)
 
-    for name, text in (("run", "the daemon"), ("export", "migration artifacts from a profile"),
-                       ("diff", "compare two profiles"), ("merge", "many hosts into a fleet map")):
-        p = sub.add_parser(name, help=f"{text} (not yet in this version)")
-        p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("run", help="the daemon: rescans, continuous probes, snapshots, /metrics")
+    p.add_argument("--config", default=_env_default("config", ""),
+                   help="TOML config file (default: built-in defaults; e.g. /etc/asbuilt/asbuilt.toml)")
+    p.add_argument("--state-dir", default=None, help="where snapshots go (default /var/lib/asbuilt)")
+    p.add_argument("--listen", default=None, help="/metrics address HOST:PORT, or 'off' (default 127.0.0.1:9977)")
+    p.add_argument("--interval", default=None, help="rescan interval, e.g. 60s, 5m (default 5m)")
+    p.add_argument("--snapshot-interval", default=None, help="snapshot interval (default 15m)")
+    p.add_argument("--retention", type=int, default=None, help="snapshots kept (default 48)")
+    p.add_argument("--no-ebpf", action="store_true", default=None, help="proc connector and polling only")
+    p.add_argument("--no-capture", action="store_true", default=None, help="no packet capture")
+    p.add_argument("--select", default=None,
+                   help="only these processes (e.g. 'unit:nginx*,container:*'; default every process)")
+    p.add_argument("--check-config", action="store_true", help="load and check the config, print it, exit")
+
+    p = sub.add_parser("export", help="migration artifacts from a saved profile (no privileges needed)")
+    p.add_argument("--format", "-f", required=True, choices=sorted(FORMATS), help="what to write")
+    p.add_argument("profile")
+    p.add_argument("--process", "-p", default="",
+                   help="which processes: pid:N, unit:X, exe:PATH, name:X, container:ID, user:U, "
+                        "identity:I, host:H, or a bare name; ',' for several; wildcards allowed")
+    p.add_argument("-o", "--output", default="", help="write here (a directory when the format makes several files)")
+
+    p = sub.add_parser("diff", help="what NEW lacks or adds compared with OLD (exit 1 when they differ)")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--process", "-p", default="", help="compare only these processes (see export --process)")
+
+    p = sub.add_parser("merge", help="many hosts' profiles into one fleet dependency map")
+    p.add_argument("profiles", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="the fleet profile to write")
     return parser
 
 
@@ -129,12 +156,86 @@ def cmd_trace(args) -> int:
     return run_trace(args)
 
 
-def cmd_later(args) -> int:
-    raise UsageError(f"'{args.command}' is not implemented in asbuilt {__version__} yet")
+def cmd_run(args) -> int:
+    from .daemon import run_daemon  # issue 5
 
+    return run_daemon(args)
+
+
+def cmd_export(args) -> int:
+    import importlib
+
+    from ..exporters.files import atomic_write
+    from .select import select_processes
+    from .store import load_profile
+
+    profile = load_profile(args.profile)
+    processes = select_processes(profile, args.process or None)
+    module, func = FORMATS[args.format].split(":")
+    artifacts = getattr(importlib.import_module(f"..exporters.{module}", __package__), func)(
+        profile, processes, output=args.output)
+    if not args.output:
+        for art in artifacts:
+            if art.binary:
+                raise UsageError(f"{args.format}: {art.name} is binary; give -o FILE")
+            if len(artifacts) > 1:
+                sys.stdout.write(f"# ==> {art.name} <==\n")
+            sys.stdout.write(art.data.decode("utf-8", "backslashreplace"))
+        return 0
+    if len(artifacts) == 1:
+        atomic_write(args.output, artifacts[0].data)
+        print(f"asbuilt: wrote {args.output}", file=sys.stderr)
+        return 0
+    try:
+        os.makedirs(args.output, mode=0o700, exist_ok=True)
+    except OSError as err:
+        from .errors import from_oserror
+
+        raise from_oserror(err, args.output) from err
+    for art in artifacts:
+        atomic_write(os.path.join(args.output, art.name), art.data)
+    print(f"asbuilt: wrote {len(artifacts)} files to {args.output}/: "
+          + ", ".join(a.name for a in artifacts), file=sys.stderr)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    import json
+
+    from .diff import diff_profiles, render_diff
+    from .store import load_profile
+
+    result = diff_profiles(load_profile(args.old), load_profile(args.new), process=args.process or None)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        render_diff(result, sys.stdout)
+    return 0 if result.empty else 1
+
+
+def cmd_merge(args) -> int:
+    from ..exporters.files import write_profile
+    from ..exporters.summary import one_line
+    from .fleet import merge_profiles
+    from .store import load_profile
+
+    fleet = merge_profiles([load_profile(p) for p in args.profiles], sources=args.profiles)
+    write_profile(fleet, args.output)
+    print(f"asbuilt: wrote {args.output}: {len(fleet.hosts)} hosts, {one_line(fleet)}", file=sys.stderr)
+    return 0
+
+
+# export --format NAME -> "module:function" under asbuilt.exporters; each function takes
+# (profile, processes, output="") and returns a list of exporters.artifact.Artifact.
+FORMATS = {
+    "dockerfile": "dockerfile:export", "ecs-task": "ecs:export", "security-groups": "security_groups:export",
+    "seccomp": "seccomp:export", "packages": "packages:export_packages", "ansible": "packages:export_ansible",
+    "graph": "graph:export", "html": "html:export",
+}
 
 COMMANDS = {"scan": cmd_scan, "show": cmd_show, "doctor": cmd_doctor, "trace": cmd_trace,
-            "run": cmd_later, "export": cmd_later, "diff": cmd_later, "merge": cmd_later}
+            "run": cmd_run, "export": cmd_export, "diff": cmd_diff, "merge": cmd_merge}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

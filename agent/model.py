@@ -214,6 +214,8 @@ class Peer:
     bytes_sent: Optional[int] = None
     bytes_received: Optional[int] = None
     local_port: int = 0  # our listener's port, for inbound peers
+    host: str = ""  # fleet merge: the fleet host whose listener this peer is ("" = outside the fleet)
+    process: str = ""  # fleet merge: identity of the process listening there
     learned: str = SCAN
     first_seen: float = 0.0
     last_seen: float = 0.0
@@ -289,6 +291,7 @@ class Process:
     syscalls: Dict[str, int] = field(default_factory=dict)
     kernel_functions: Dict[str, int] = field(default_factory=dict)
     instances: int = 1  # short-lived processes of one identity seen during a trace, folded into one
+    host: str = ""  # fleet merge: the hostname this process runs on ("" in a one-host profile)
     learned: str = SCAN
     first_seen: float = 0.0
     last_seen: float = 0.0
@@ -306,6 +309,7 @@ class Package:
     source: str = ""
     modified_files: List[str] = field(default_factory=list)
     used_by: List[str] = field(default_factory=list)  # process identities
+    hosts: List[str] = field(default_factory=list)  # fleet merge: hostnames that have it installed
 
 
 # --------------------------------------------------------------------------------- coverage
@@ -341,7 +345,7 @@ class Profile:
     schema_version: int = SCHEMA_VERSION
     kind: str = PROFILE_KIND
     tool_version: str = ""
-    mode: str = "scan"  # scan, trace, run
+    mode: str = "scan"  # scan, trace, run, fleet
     generated_at: float = 0.0
     started_at: float = 0.0
     duration_seconds: float = 0.0
@@ -350,6 +354,7 @@ class Profile:
     processes: List[Process] = field(default_factory=list)
     packages: List[Package] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
+    hosts: List[Host] = field(default_factory=list)  # fleet merge (mode "fleet"): every host merged
 
 
 # ------------------------------------------------------------------------- serialisation

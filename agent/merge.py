@@ -45,9 +45,11 @@ def _mode_union(a: str, b: str) -> str:
 class TraceMerger:
     """Merges drained observations into ``profile`` in place."""
 
-    def __init__(self, profile: Profile, ctx: Context):
+    def __init__(self, profile: Profile, ctx: Context, read_new: bool = True):
         self.profile = profile
         self.ctx = ctx
+        self.read_new = read_new  # read /proc of a process first seen by a probe (the daemon defers it)
+        self._exec_of: Dict[int, Exec] = {}  # pid -> the Exec entry its exit code goes to
         self.by_pid: Dict[int, Process] = {p.pid: p for p in profile.processes}
         self.events = 0  # observations' event counts, for progress
         self.facts = 0  # new facts added
@@ -69,7 +71,7 @@ class TraceMerger:
     def process(self, pid: int, ppid: int = 0, comm: str = "", when: float = 0.0) -> Process:
         proc = self.by_pid.get(pid)
         if proc is None:
-            proc = self._read_process(pid) or Process(pid=pid, ppid=ppid, name=comm)
+            proc = (self._read_process(pid) if self.read_new else None) or self._stub(pid, ppid, comm)
             proc.learned = TRACE
             proc.first_seen = proc.first_seen or when
             self.by_pid[pid] = proc
@@ -78,6 +80,29 @@ class TraceMerger:
         if when:
             proc.last_seen = max(proc.last_seen, when)
         return proc
+
+    def _stub(self, pid: int, ppid: int, comm: str) -> Process:
+        """A process known only from an event: unit, container and user come from its parent."""
+        proc = Process(pid=pid, ppid=ppid, name=comm)
+        parent = self.by_pid.get(ppid)
+        if parent is not None:
+            for attr in ("systemd_unit", "container_id", "container_runtime", "cgroup", "user", "uid",
+                         "group", "gid", "netns", "cwd"):
+                setattr(proc, attr, getattr(parent, attr))
+        return proc
+
+    def forget(self, pids: Iterable[int]) -> None:
+        """Drop what is kept per pid for processes that are gone (the daemon, after harvesting)."""
+        gone = set(pids)
+        if not gone:
+            return
+        for pid in gone:
+            proc = self.by_pid.pop(pid, None)
+            self._exec_of.pop(pid, None)
+            self._seen_pids.discard(pid)
+        self.profile.processes = [p for p in self.profile.processes if p.pid not in gone]
+        self._totals = {k: v for k, v in self._totals.items() if not (len(k) > 1 and k[1] in gone)}
+        self.names = {k: v for k, v in self.names.items() if k[0] not in gone}
 
     def _read_process(self, pid: int) -> Optional[Process]:
         """A child that appeared during the trace: read it now, while it lives."""
@@ -124,10 +149,12 @@ class TraceMerger:
                 if ex.path == path and ex.argv == argv:
                     ex.count += 1
                     ex.pid = pid  # the latest instance: its exit code is the one recorded next
+                    self._exec_of[pid] = ex
                     break
             else:
                 if len(parent.execs) < MAX_EXECS_PER_PROCESS:
                     parent.execs.append(Exec(pid=pid, ppid=ppid, path=path, argv=argv, time=when))
+                    self._exec_of[pid] = parent.execs[-1]
                     self.facts += 1
                 else:
                     self.dropped += 1
@@ -148,10 +175,9 @@ class TraceMerger:
 
     def _exit(self, pid: int, code: Optional[int], when: float) -> None:
         self.events += 1
-        for proc in self.by_pid.values():
-            for ex in proc.execs:
-                if ex.pid == pid and ex.exit_code is None:
-                    ex.exit_code = code
+        ex = self._exec_of.pop(pid, None)
+        if ex is not None and ex.pid == pid and ex.exit_code is None:
+            ex.exit_code = code
         proc = self.by_pid.get(pid)
         if proc is not None and when:
             proc.last_seen = max(proc.last_seen, when)

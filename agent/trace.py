@@ -115,8 +115,10 @@ class Progress:
 class ProbeSet:
     """The event probes of one trace, started together, drained together, stopped together."""
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, syscalls: bool = True, fdpoll: bool = True):
         self.ctx = ctx
+        self.fdpoll = fdpoll  # the daemon relies on its rescans instead of polling every fd table
+        self.syscalls = syscalls  # the daemon leaves raw_syscalls off: it is the costly probe
         self.running: List[object] = []  # probes with drain()/stop()
         self.session = None
         self.runs: Dict[str, ProbeRun] = {}
@@ -155,11 +157,14 @@ class ProbeSet:
         from ..probes.ebpf.tracer import start_together
 
         t0 = time.monotonic()
-        core = [ProcProbe(), FilesProbe(), SyscallsProbe()]
+        core = [ProcProbe(), FilesProbe()] + ([SyscallsProbe()] if self.syscalls else [])
         self.session = start_together(self.ctx, core, pids, follow_children=children)
         for probe in core:
             self.running.append(probe)
             self._run(probe.name, "ok", mode="ebpf")
+        if not self.syscalls:
+            self._run("syscalls", "skipped", "off in the daemon (raw_syscalls on every process costs the "
+                      "host most); asbuilt trace --pid counts them")
         log.info("ebpf core attached seconds=%.2f", time.monotonic() - t0)
         for mod, cls in (("net", "NetProbe"), ("dns", "DnsProbe")):
             self._start_optional(mod, cls, pids, children)
@@ -211,6 +216,11 @@ class ProbeSet:
             self.running.append(conn)
             source = conn.traced
             self._run("proc_connector", "ok", f"eBPF unavailable: {why}", mode="fallback")
+        if not self.fdpoll:
+            self._run("fdpoll", "skipped", "the daemon's rescans read fds instead of polling them")
+            for name in ("syscalls", "dns", "kfunc"):
+                self._run(name, "unavailable", f"needs eBPF ({why})")
+            return
         poll = FdPollProbe()
         poll.start(self.ctx, pids, follow_children=children, pid_source=source)
         self.running.append(poll)
@@ -257,6 +267,28 @@ class ProbeSet:
             except AsbuiltError as err:
                 log.warning("probe=%s drain failed reason=%s", getattr(probe, "name", "?"), err)
         return out
+
+    def forget(self, pids) -> None:
+        """Processes that are gone: drop what every probe keeps for them (the daemon's bound)."""
+        for probe in self.running:
+            fn = getattr(probe, "forget", None)
+            if fn is not None:
+                try:
+                    fn(pids)
+                except Exception as err:  # a stale map entry is not worth stopping for
+                    log.warning("probe=%s forget failed reason=%s", getattr(probe, "name", "?"), err)
+
+    def add_pids(self, pids: List[int]) -> None:
+        """Start watching more processes (the daemon's selection matched new ones)."""
+        if self.session is not None:
+            self.session.add_pids(pids)
+        for probe in self.running:
+            fn = getattr(probe, "add_pids", None)
+            if fn is not None and probe is not self.session:
+                try:
+                    fn(pids)
+                except Exception as err:
+                    log.warning("probe=%s add_pids failed reason=%s", getattr(probe, "name", "?"), err)
 
     def lost(self) -> int:
         return sum(getattr(p, "lost_events", 0) for p in self.running) + (

@@ -127,6 +127,7 @@ class DnsProbe(Probe):
         self.bpf = loader.load(text)
         self.compile_seconds = time.monotonic() - began
         self._clock_offset = time.time() - time.monotonic()
+        self._ctx = ctx
         traced = self.bpf[b"dns_traced"]
         tree = sorted(process_tree(ctx.roots.proc, pids, follow_children))
         for pid in tree:
@@ -140,7 +141,7 @@ class DnsProbe(Probe):
 
     def _attach_all(self, ctx: Context, tree: List[int]) -> None:
         assert self.bpf is not None
-        seen: Set[Tuple[int, int]] = set()
+        seen: Set[Tuple[int, int]] = self.__dict__.setdefault("_libs_seen", set())  # across add_pids
         for pid in tree:
             try:
                 libcs = find_libcs(ctx.roots.proc, pid)
@@ -182,6 +183,26 @@ class DnsProbe(Probe):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Watch more processes (and their children); attach to any new C library they map."""
+        if self.bpf is None:
+            return
+        traced = self.bpf[b"dns_traced"]
+        tree = sorted(process_tree(self._ctx.roots.proc, pids, True))
+        for pid in tree:
+            traced[traced.Key(pid)] = traced.Leaf(1)
+        self._attach_all(self._ctx, tree)
+
+    def forget(self, pids) -> None:
+        """Drop the kernel's and our per-name state of processes that are gone (the daemon)."""
+        from .tracer import forget_in_table
+
+        gone = set(pids)
+        if self.bpf is None or not gone:
+            return
+        forget_in_table(self.bpf[b"dns_stats"], gone)
+        self._reported = {k: v for k, v in self._reported.items() if k[0] not in gone}
 
     def drain(self) -> List[DnsObservation]:
         """The names that are new or changed since the previous drain, with totals since start()."""

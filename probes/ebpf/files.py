@@ -254,6 +254,25 @@ class FilesProbe(StreamingProbe):
         self._changed = set()
         return [FileObservation(**vars(o)) for o in out]
 
+    def forget(self, pids) -> None:
+        """Drop every fact kept for processes that are gone (after the daemon harvested them)."""
+        from .tracer import forget_in_table
+
+        gone = set(pids)
+        if not gone:
+            return
+        if self.session is not None and self.session.bpf is not None:
+            forget_in_table(self.session.bpf[b"file_seen"], gone)
+        for kkey in [k for k in self._kkeys if k[0] in gone]:
+            del self._kkeys[kkey]
+            self._kbase.pop(kkey, None)
+            self._klast.pop(kkey, None)
+        for okey in [k for k in self.obs if k[0] in gone]:
+            del self.obs[okey]
+        self._changed = {k for k in self._changed if k[0] not in gone}
+        for pid in gone:
+            self.cwd.pop(pid, None)
+
     def snapshot(self) -> List[FileObservation]:
         """Every observation so far (counts as of the last drain)."""
         return sorted((FileObservation(**vars(o)) for o in self.obs.values()), key=lambda o: o.first_seen)

@@ -244,6 +244,26 @@ class NetProbe(Probe):
                 out.append(obs)
         return out
 
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Watch more processes (and their children) from now on."""
+        if self.bpf is None:
+            return
+        traced = self.bpf[b"net_traced"]
+        for pid in sorted(process_tree(self._ctx.roots.proc, pids, True)):
+            traced[traced.Key(pid)] = traced.Leaf(1)
+            self._seed_listeners(pid)
+
+    def forget(self, pids) -> None:
+        """Drop the kernel's and our per-fact state of processes that are gone (the daemon)."""
+        from .tracer import forget_in_table
+
+        gone = set(pids)
+        if self.bpf is None or not gone:
+            return
+        forget_in_table(self.bpf[b"net_stats"], gone)
+        forget_in_table(self.bpf[b"net_fd"], gone)
+        self._reported = {k: v for k, v in self._reported.items() if k[0] not in gone}
+
     # -------------------------------------------------------------------------------- internals
     def _on_lost(self, count: int) -> None:
         self.lost_events += int(count)

@@ -351,6 +351,22 @@ def start_together(ctx: Context, probes: Sequence[StreamingProbe], pids: Sequenc
     return session
 
 
+def forget_in_table(table, pids, field: str = "tgid") -> int:
+    """Delete a BPF hash's entries whose key's ``field`` is one of ``pids`` (processes that are gone).
+
+    The daemon calls this so maps keyed by process do not fill with the dead; returns how many went.
+    """
+    if table is None or not pids:
+        return 0
+    doomed = [k for k in table.keys() if getattr(k, field) in pids]
+    for k in doomed:
+        try:
+            del table[k]
+        except KeyError:
+            pass
+    return len(doomed)
+
+
 def close_together(session: TraceSession) -> None:
     """Last drain of nothing: just detach. Call each probe's ``drain()`` before this."""
     for probe in session.probes:

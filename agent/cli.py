@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=_env_default("config", ""),
                    help="TOML config file (default: built-in defaults; e.g. /etc/asbuilt/asbuilt.toml)")
     p.add_argument("--state-dir", default=None, help="where snapshots go (default /var/lib/asbuilt)")
-    p.add_argument("--listen", default=None, help="/metrics address HOST:PORT, or 'off' (default 127.0.0.1:9977)")
+    p.add_argument("--listen", default=None, help="/metrics address HOST:PORT, or 'off' (default 127.0.0.1:10977)")
     p.add_argument("--interval", default=None, help="rescan interval, e.g. 60s, 5m (default 5m)")
     p.add_argument("--snapshot-interval", default=None, help="snapshot interval (default 15m)")
     p.add_argument("--retention", type=int, default=None, help="snapshots kept (default 48)")

@@ -21,7 +21,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Debian 12 has 3.11
     tomllib = None  # type: ignore
 
-DEFAULT_PORT = 9977  # see README "Metrics": not in Prometheus's default port allocations list
+DEFAULT_PORT = 10977  # 9100-9999 are all allocated to exporters (Prometheus wiki); see README "Metrics"
 
 
 @dataclass

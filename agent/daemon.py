@@ -120,6 +120,16 @@ class SnapshotWriter:
             return None
 
 
+def _trim_heap() -> None:
+    """Give back to the kernel the heap LLVM used to compile the BPF objects (tens of MB)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ------------------------------------------------------------------------------- the daemon
 class Daemon:
     def __init__(self, cfg: Config, load: Callable[[], Config]):
@@ -276,10 +286,14 @@ class Daemon:
             log.warning("no process selected select=%r: probes idle until one appears", self.cfg.select)
         t0 = time.monotonic()
         self.probes.start(pids or [os.getpid()], children=True, use_ebpf=self.cfg.ebpf)
+        for probe in self.probes.running:  # the kernel's open counters matter at harvest, not every second
+            if hasattr(probe, "counts_interval"):
+                probe.counts_interval = self.cfg.refresh_interval
         if self.cfg.capture:
             self.probes.start_capture(*self._capture_ports())
         else:
             self.probes._run("capture", "skipped", "capture = false")
+        _trim_heap()
         for run in self.probes.runs.values():
             log.info("probe=%s status=%s mode=%s %s", run.name, run.status, run.mode,
                      f"reason={run.reason!r}" if run.reason else "")

@@ -45,6 +45,7 @@ class Window:
     """The trace window: ends at the deadline, on Ctrl-C or SIGTERM (handlers restored on exit)."""
 
     def __init__(self, seconds: float):
+        self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.started = time.monotonic()
         self.stopped = threading.Event()
@@ -60,6 +61,11 @@ class Window:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+    def restart(self) -> None:
+        """The window opens once the probes are attached: ``--duration 3s`` means 3 s of observing."""
+        self.started = time.monotonic()
+        self.deadline = self.started + self.seconds
 
     def _stop(self, signum, frame):
         self.reason = "interrupted" if signum == signal.SIGINT else "terminated"
@@ -357,6 +363,7 @@ def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebp
             probes._run("capture", "skipped", "--no-capture")
         ctx.coverage.mode = probes.mode
         progress.attached(pid, probes.mode, window.elapsed, [r for r in probes.runs.values()])
+        window.restart()
         try:
             while window.wait(DRAIN_INTERVAL):
                 merger.add(probes.drain())

@@ -22,6 +22,7 @@ os.chdir(sys.argv[1])
 open("app.conf").read()
 class H(http.server.SimpleHTTPRequestHandler):
     def log_message(self, fmt, *a):
+        open("app.conf").read()  # re-read per request, as many apps do: the trace sees it
         with open("app.log", "a") as fh: fh.write(fmt % a + "\n")
 s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
 print(s.server_address[1], flush=True)
@@ -69,7 +70,7 @@ def real_profiles(tmp_path_factory):
         r = _cli("scan", "-o", str(scan), "-q")
         assert r.returncode == 0, r.stderr
         trace = base / "trace.json"
-        r = _cli("trace", "--pid", str(server.pid), "--duration", "4s", "-o", str(trace), "-q")
+        r = _cli("trace", "--pid", str(server.pid), "--duration", "10s", "-o", str(trace), "-q")
         assert r.returncode == 0, r.stderr
     finally:
         for p in (client, server):

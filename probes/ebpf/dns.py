@@ -214,7 +214,9 @@ class DnsProbe(Probe):
         self.lost_events += dropped - self._dropped_seen
         self._dropped_seen = dropped
         out: List[DnsObservation] = []
-        for key, stat in self.bpf[b"dns_stats"].items():
+        from .tracer import map_items
+
+        for key, stat in map_items(self.bpf[b"dns_stats"]):
             obs = self._observation(key, stat)
             ident = (obs.pid, obs.name, obs.result)
             state = (obs.count, tuple(obs.addresses))

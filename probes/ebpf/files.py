@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import posixpath
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -110,6 +111,8 @@ class FilesProbe(StreamingProbe):
         self._klast: Dict[Tuple[int, int, int, int], int] = {}
         self._changed: set = set()
         self.events = 0  # open events received (new facts)
+        self.counts_interval = 0.0  # seconds between reads of the kernel's counters (the daemon: its refresh)
+        self._counts_at = 0.0
         self.wall_offset = 0.0
 
     def sources(self, ctx: Context):
@@ -229,7 +232,10 @@ class FilesProbe(StreamingProbe):
         table = self.session.bpf[b"file_seen"] if self.session and self.session.bpf else None
         if table is None:
             return
-        for k, v in table.items():
+        from .tracer import map_items
+
+        self._counts_at = time.monotonic()
+        for k, v in map_items(table):
             kkey = (k.tgid, k.cls, k.hash, k.err)
             if kkey not in self._kkeys:
                 continue  # its event is still in flight: counted at the next drain
@@ -249,7 +255,8 @@ class FilesProbe(StreamingProbe):
                 obs.count = totals[okey]
 
     def collect_drain(self) -> List[FileObservation]:
-        self._read_counts()
+        if time.monotonic() - self._counts_at >= self.counts_interval:
+            self._read_counts()
         out = [self.obs[k] for k in sorted(self._changed, key=lambda k: self.obs[k].first_seen)]
         self._changed = set()
         return [FileObservation(**vars(o)) for o in out]

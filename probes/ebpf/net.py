@@ -221,7 +221,9 @@ class NetProbe(Probe):
         self.lost_events += dropped - self._dropped_seen
         self._dropped_seen = dropped
         merged: Dict[tuple, NetObservation] = {}
-        for key, stat in self.bpf[b"net_stats"].items():
+        from .tracer import map_items
+
+        for key, stat in map_items(self.bpf[b"net_stats"]):
             obs = self._observation(key, stat)
             if obs is None:
                 continue

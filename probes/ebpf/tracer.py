@@ -351,6 +351,15 @@ def start_together(ctx: Context, probes: Sequence[StreamingProbe], pids: Sequenc
     return session
 
 
+def map_items(table) -> list:
+    """Every (key, value) of a BPF hash: one BPF_MAP_LOOKUP_BATCH call where the kernel has it (5.6+),
+    else bcc's key-by-key walk (two syscalls per entry: what made a full map cost a drain)."""
+    try:
+        return list(table.items_lookup_batch())
+    except Exception:  # older kernel or bcc: no batch ops for this map
+        return list(table.items())
+
+
 def forget_in_table(table, pids, field: str = "tgid") -> int:
     """Delete a BPF hash's entries whose key's ``field`` is one of ``pids`` (processes that are gone).
 
@@ -358,7 +367,7 @@ def forget_in_table(table, pids, field: str = "tgid") -> int:
     """
     if table is None or not pids:
         return 0
-    doomed = [k for k in table.keys() if getattr(k, field) in pids]
+    doomed = [k for k, _ in map_items(table) if getattr(k, field) in pids]
     for k in doomed:
         try:
             del table[k]

@@ -380,9 +380,7 @@ class Daemon:
 
     def _read_late(self, proc: Process) -> None:
         """A process started since the last rescan and still running: read it once, now."""
-        from .merge import TraceMerger as _M
-
-        fresh = _M._read_process(self.merger, proc.pid) if self.merger else None
+        fresh = self.merger._read_process(proc.pid) if self.merger else None
         if fresh is None:
             return
         for name in ("exe", "cmdline", "user", "uid", "group", "gid", "cwd", "start_time", "cgroup",

@@ -234,9 +234,16 @@ class Daemon:
                 self.server.close()
             except Exception as err:
                 log.warning("metrics server close failed reason=%s", err)
-        # The probes are not detached one by one (bcc takes ~3 s for that): the process exits next
-        # and the kernel drops every perf event, tracepoint and uprobe with its file descriptors.
-        log.info("stopped seconds=%.2f", time.monotonic() - t0)
+        # Detach every probe at once (each tracepoint's detach waits for a grace period in the
+        # kernel; closing their descriptors in parallel halves what the exit would take).
+        try:
+            from ..probes.ebpf.bpfobject import detach_all
+
+            closed = detach_all()
+        except Exception as err:  # stopping never fails: the exit closes whatever is left
+            log.warning("detach failed reason=%s", err)
+            closed = 0
+        log.info("stopped seconds=%.2f descriptors_closed=%d", time.monotonic() - t0, closed)
 
     def _install_signals(self) -> None:
         def stop(signum, frame):
@@ -553,4 +560,4 @@ def run_daemon(args) -> int:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # see Daemon.shutdown: the kernel detaches the probes as the process exits
+    os._exit(code)  # no interpreter teardown: Daemon.shutdown has detached the probes

@@ -162,9 +162,24 @@ class ProbeSet:
         from ..probes.ebpf.syscalls import SyscallsProbe
         from ..probes.ebpf.tracer import start_together
 
+        from ..probes.ebpf import kfunc, loader
+        from ..probes.ebpf.dns import DnsProbe
+        from ..probes.ebpf.net import NetProbe
+
         t0 = time.monotonic()
+        # Every object compiles in a child of its own: start them all now, on every core.
+        optional = [NetProbe(), DnsProbe()]
+        for probe in optional:
+            if not probe.check(self.ctx):
+                probe.prefetch(children)
+        checks = kfunc.Checks()
         core = [ProcProbe(), FilesProbe()] + ([SyscallsProbe()] if self.syscalls else [])
-        self.session = start_together(self.ctx, core, pids, follow_children=children)
+        try:
+            self.session = start_together(self.ctx, core, pids, follow_children=children)
+        except BaseException:
+            loader.discard_prefetched()
+            checks.result()
+            raise
         for probe in core:
             self.running.append(probe)
             self._run(probe.name, "ok", mode="ebpf")
@@ -172,14 +187,12 @@ class ProbeSet:
             self._run("syscalls", "skipped", "off in the daemon (raw_syscalls on every process costs the "
                       "host most); asbuilt trace --pid counts them")
         log.info("ebpf core attached seconds=%.2f", time.monotonic() - t0)
-        for mod, cls in (("net", "NetProbe"), ("dns", "DnsProbe")):
-            self._start_optional(mod, cls, pids, children)
-        self._kfunc()
+        for probe in optional:
+            self._start_optional(probe, pids, children)
+        loader.discard_prefetched()
+        self._kfunc(checks)
 
-    def _start_optional(self, mod: str, cls: str, pids: List[int], children: bool) -> None:
-        import importlib
-
-        probe = getattr(importlib.import_module(f"..probes.ebpf.{mod}", __package__), cls)()
+    def _start_optional(self, probe, pids: List[int], children: bool) -> None:
         reason = probe.check(self.ctx)
         if reason:
             self._run(probe.name, "unavailable", reason)
@@ -192,11 +205,10 @@ class ProbeSet:
         self.running.append(probe)
         self._run(probe.name, "ok", mode="ebpf")
 
-    def _kfunc(self) -> None:
+    def _kfunc(self, checks) -> None:
         from ..probes.ebpf import kfunc
 
-        reason = kfunc.check_kprobes()
-        fentry = kfunc.check_fentry() if reason else None
+        reason, fentry = checks.result()
         if reason and fentry:
             self._run("kfunc", "unavailable", f"{reason}; {fentry}")
         else:  # a kernel that allows it (not this one): counted by the kfunc probe

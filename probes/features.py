@@ -9,8 +9,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import importlib.util
 import os
 import platform
+import re
 import socket
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -139,12 +141,22 @@ def check_kernel_headers(rootfs: str = "/") -> Feature:
 
 
 def check_bcc() -> Feature:
-    try:
-        import bcc  # noqa: F401  optional import
-    except ImportError:
+    """Whether bcc is installed, and its version, without importing it: importing bcc maps libbcc
+    with all of LLVM (~75 MB resident); the agent compiles in a child (probes/ebpf/compile_child)."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None:
         return Feature("bcc", False, "python bcc not importable (Debian: python3-bpfcc)")
-    version = getattr(bcc, "__version__", "") or "installed"
-    return Feature("bcc", True, f"bcc {version}")
+    version = "installed"
+    for where in spec.submodule_search_locations or []:
+        try:
+            with open(os.path.join(where, "version.py"), encoding="utf-8") as fh:
+                found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", fh.read())
+        except OSError:
+            continue
+        if found:
+            version = found.group(1)
+            break
+    return Feature("bcc", True, f"bcc {version}" if version != "installed" else version)
 
 
 def check_libpcap() -> Feature:

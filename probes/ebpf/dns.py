@@ -38,6 +38,7 @@ EAI_NAMES = {-1: "EAI_BADFLAGS", -2: "EAI_NONAME", -3: "EAI_AGAIN", -4: "EAI_FAI
 SYMBOLS = (("getaddrinfo", "dns_getaddrinfo_enter", "dns_getaddrinfo_return"),
            ("gethostbyname", "dns_gethostbyname_enter", "dns_gethostbyname_return"),
            ("gethostbyname2", "dns_gethostbyname_enter", "dns_gethostbyname_return"))
+_UPROBE_FUNCTIONS = sorted({(fn, "KPROBE") for _, enter, ret in SYMBOLS for fn in (enter, ret)})
 _LIBC = re.compile(r"^(libc\.so(\.\d+)*|libc-[\d.]+\.so|ld-musl-[^/]*\.so(\.\d+)*)$")
 
 
@@ -119,12 +120,18 @@ class DnsProbe(Probe):
             return "missing tracepoints: " + ", ".join("sched:" + e for e in missing)
         return None
 
+    def program(self, follow_children: bool = True) -> str:
+        return loader.render(loader.source("dns"), FOLLOW_CHILDREN=int(bool(follow_children)),
+                             MAX_ENTRIES=MAX_ENTRIES)
+
+    def prefetch(self, follow_children: bool = True) -> None:
+        """Start compiling now (in a child, on another core) for the start() that follows."""
+        loader.prefetch(self.program(follow_children), functions=_UPROBE_FUNCTIONS)
+
     def start(self, ctx: Context, pids: Iterable[int], follow_children: bool = True) -> None:
         """Compile, seed the traced set, attach to each distinct libc the tree maps; gaps for the rest."""
-        text = loader.render(loader.source("dns"), FOLLOW_CHILDREN=int(bool(follow_children)),
-                             MAX_ENTRIES=MAX_ENTRIES)
         began = time.monotonic()
-        self.bpf = loader.load(text)
+        self.bpf = loader.load(self.program(follow_children), functions=_UPROBE_FUNCTIONS)
         self.compile_seconds = time.monotonic() - began
         self._clock_offset = time.time() - time.monotonic()
         self._ctx = ctx

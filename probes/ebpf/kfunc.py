@@ -96,9 +96,61 @@ def _bpf_class(bpf_cls):
     return BPF
 
 
+def _in_child(name: str, sys_root: str, function: str) -> Optional[str]:
+    """Run check ``name`` in a compile child (bcc is never imported in the agent's own process)."""
+    from .bpfobject import call_in_child
+
+    what = name.split("_")[-1]
+    try:
+        return call_in_child(f"{__name__}:{name}", sys_root, function)
+    except Exception as err:  # the child could not run at all
+        return f"{what} unavailable: check failed: {_last_line(str(err)) or type(err).__name__}"
+
+
+def _check_both_here(sys_root: str, function: str) -> List[Optional[str]]:
+    kprobes = _check_kprobes_here(sys_root, function)
+    return [kprobes, _check_fentry_here(sys_root, function) if kprobes else None]
+
+
+class Checks:
+    """Both checks, started now in a compile child and answered by :meth:`result` — (kprobes
+    reason, fentry reason), None meaning it works — so a trace's other probes compile meanwhile."""
+
+    def __init__(self, sys_root: str = "/sys", function: str = _CHECK_FUNCTION):
+        from .bpfobject import Pending
+
+        self.pending = None
+        self.error = ""
+        try:
+            self.pending = Pending({"op": "call", "function": f"{__name__}:_check_both_here",
+                                    "args": [sys_root, function]})
+        except OSError as err:
+            self.error = str(err)
+
+    def result(self) -> Tuple[Optional[str], Optional[str]]:
+        if self.pending is not None:
+            try:
+                reply, fds = self.pending.result()
+                for fd in fds:
+                    os.close(fd)
+                kprobes, fentry = reply.get("result") or [None, None]
+                return kprobes, fentry
+            except Exception as err:  # the child could not run at all
+                self.error = _last_line(str(err)) or type(err).__name__
+        why = f"check failed: {self.error}"
+        return f"kprobes unavailable: {why}", f"fentry unavailable: {why}"
+
+
 def check_kprobes(sys_root: str = "/sys", function: str = _CHECK_FUNCTION,
                   bpf_cls=None) -> Optional[str]:
-    """None when a kprobe on ``function`` attaches here; else ``kprobes unavailable: <why>``."""
+    """None when a kprobe on ``function`` attaches here; else ``kprobes unavailable: <why>``.
+    Without ``bpf_cls`` (tests pass a fake) the check runs in a compile child."""
+    if bpf_cls is None:
+        return _in_child("_check_kprobes_here", sys_root, function)
+    return _check_kprobes_here(sys_root, function, bpf_cls)
+
+
+def _check_kprobes_here(sys_root: str, function: str, bpf_cls=None) -> Optional[str]:
     try:
         BPF = _bpf_class(bpf_cls)
     except ImportError:
@@ -125,7 +177,14 @@ def check_kprobes(sys_root: str = "/sys", function: str = _CHECK_FUNCTION,
 
 def check_fentry(sys_root: str = "/sys", function: str = _CHECK_FUNCTION,
                  bpf_cls=None) -> Optional[str]:
-    """None when an fentry program on ``function`` loads and attaches; else ``fentry unavailable: <why>``."""
+    """None when an fentry program on ``function`` loads and attaches; else ``fentry unavailable: <why>``.
+    Without ``bpf_cls`` (tests pass a fake) the check runs in a compile child."""
+    if bpf_cls is None:
+        return _in_child("_check_fentry_here", sys_root, function)
+    return _check_fentry_here(sys_root, function, bpf_cls)
+
+
+def _check_fentry_here(sys_root: str, function: str, bpf_cls=None) -> Optional[str]:
     try:
         BPF = _bpf_class(bpf_cls)
     except ImportError:
@@ -214,10 +273,15 @@ class KfuncProbe(StreamingProbe):
         load: Optional[Callable] = None
         if self.bpf_cls is not None:
             cls = self.bpf_cls
-            load = lambda text: cls(text=text)  # noqa: E731
+            load = lambda text, **_: cls(text=text)  # noqa: E731
         session = TraceSession(ctx, [self], follow_children=follow_children, load=load)
         session.start(pids)
         self._own_session = True
+
+    def hand_attached(self):
+        if self.mode == "fentry":
+            return []
+        return [(f"kfunc_count_{idx}", "KPROBE") for idx in range(len(self.functions))]
 
     def attach(self, session) -> None:
         if self.mode == "fentry":

@@ -6,10 +6,12 @@ program. ``ASBUILT_PRINT_BPF=1`` (the hidden ``--print-bpf`` flag) logs the fina
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import re
-from typing import Union
+from typing import Dict, Sequence, Tuple, Union
 
 from ...agent.errors import ProbeUnavailable
 
@@ -37,14 +39,48 @@ def render(text: str, **values: Union[str, int]) -> str:
     return out
 
 
-def load(text: str, cflags: Union[list, None] = None):
-    """Compile ``text`` with bcc; missing bcc or headers become ProbeUnavailable (one line)."""
+_prefetched: Dict[str, object] = {}
+
+
+def _request_key(text: str, cflags, functions) -> str:
+    return json.dumps([text, list(cflags or []), [list(f) for f in functions]])
+
+
+def prefetch(text: str, cflags: Union[list, None] = None, functions: Sequence[Tuple[str, str]] = ()) -> None:
+    """Start compiling ``text`` in a child now; a later :func:`load` of the same program picks it up.
+    Lets the probes of one trace compile on every core at once. Failures surface in ``load``."""
+    if importlib.util.find_spec("bcc") is None:
+        return
+    from .bpfobject import Pending, load_request
+
+    key = _request_key(text, cflags, functions)
+    if key not in _prefetched:
+        try:
+            _prefetched[key] = Pending(load_request(text, cflags, list(functions)))
+        except OSError as err:
+            log.warning("prefetch failed error=%s", err)
+
+
+def discard_prefetched() -> None:
+    """Stop compiles nobody loaded (a trace that ended before starting every probe)."""
+    while _prefetched:
+        _prefetched.popitem()[1].close()
+
+
+def load(text: str, cflags: Union[list, None] = None, functions: Sequence[Tuple[str, str]] = ()):
+    """Compile ``text`` with bcc in a child process and hold the result by file descriptors
+    (:mod:`.bpfobject`); ``functions`` are (name, prog type such as "KPROBE") loaded for attaching
+    later (uprobes, kprobes). Missing bcc, headers or a refused load become ProbeUnavailable."""
+    if importlib.util.find_spec("bcc") is None:
+        raise ProbeUnavailable("bcc is not installed (Debian: python3-bpfcc)")
+    from .bpfobject import BPFObject, ChildError, Pending, load_request
+
+    pending = _prefetched.pop(_request_key(text, cflags, functions), None)
     try:
-        from bcc import BPF  # optional import, inside the probe only
-    except ImportError as err:
-        raise ProbeUnavailable("bcc is not installed (Debian: python3-bpfcc)") from err
-    try:
-        return BPF(text=text.encode(), cflags=list(cflags or []))
-    except Exception as err:  # bcc raises bare Exception on compile/load failure
+        if pending is None:
+            pending = Pending(load_request(text, cflags, list(functions)))
+        reply, fds = pending.result()
+        return BPFObject(reply, fds)
+    except (ChildError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ProbeUnavailable(f"eBPF program failed to load: {first}") from err

@@ -186,11 +186,18 @@ class NetProbe(Probe):
             return "missing tracepoints: " + ", ".join(missing)
         return None
 
+    def program(self, follow_children: bool = True) -> str:
+        return loader.render(loader.source("net"), FOLLOW_CHILDREN=int(bool(follow_children)),
+                             MAX_ENTRIES=MAX_ENTRIES)
+
+    def prefetch(self, follow_children: bool = True) -> None:
+        """Start compiling now (in a child, on another core) for the start() that follows."""
+        loader.prefetch(self.program(follow_children))
+
     def start(self, ctx: Context, pids: Iterable[int], follow_children: bool = True) -> None:
         """Compile, seed the traced set and known listeners, attach. Raises ProbeUnavailable."""
         self._ctx = ctx
-        text = loader.render(loader.source("net"), FOLLOW_CHILDREN=int(bool(follow_children)),
-                             MAX_ENTRIES=MAX_ENTRIES)
+        text = self.program(follow_children)
         began = time.monotonic()
         self.bpf = loader.load(text)  # compiles and attaches every TRACEPOINT_PROBE
         self.compile_seconds = time.monotonic() - began

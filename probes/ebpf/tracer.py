@@ -14,6 +14,7 @@ Each probe is a :class:`StreamingProbe`: ``start(ctx, pids, follow_children)`` (
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
 import time
@@ -122,6 +123,10 @@ class StreamingProbe(Probe):
     def collect_drain(self) -> list:
         return []
 
+    def hand_attached(self) -> List[Tuple[str, str]]:
+        """(function, bcc program type) to load for attaching by hand in ``attach`` (kprobes)."""
+        return []
+
     # --- the streaming-probe interface
     def check(self, ctx: Context) -> Optional[str]:
         return check_bpf(ctx)
@@ -152,9 +157,7 @@ def check_bpf(ctx: Context) -> Optional[str]:
     """Why bcc tracepoint probes cannot run here, or None."""
     if not ctx.privileged:
         return "needs root (CAP_BPF and CAP_PERFMON)"
-    try:
-        import bcc  # noqa: F401  optional import, inside the probe only
-    except ImportError:
+    if importlib.util.find_spec("bcc") is None:  # compiled in a child: never imported here
         return "bcc is not installed (Debian: python3-bpfcc)"
     if not tracepoint_exists("sched", "sched_process_exec", ctx.roots.sys):
         return "tracepoints unavailable (no tracefs sched events)"
@@ -245,8 +248,9 @@ class TraceSession:
     def start(self, pids: Sequence[int]) -> None:
         """Compile, attach, seed ``traced``; raises ProbeUnavailable when the object will not load."""
         text = self.source_text()
+        functions = [fn for probe in self.probes for fn in probe.hand_attached()]
         t0 = time.monotonic()
-        self.bpf = self.load(text)
+        self.bpf = self.load(text, functions=functions) if functions else self.load(text)
         self.compile_seconds = time.monotonic() - t0
         log.info("bpf object loaded probes=%s seconds=%.3f",
                  ",".join(p.name for p in self.probes), self.compile_seconds)
@@ -295,7 +299,7 @@ class TraceSession:
                     on_lost: Callable[[int], None], page_cnt: int = PAGE_CNT) -> None:
         """Open a perf buffer; ``handler(raw)`` returns (ts, dispatch, event) or None."""
         def callback(cpu, data, size):
-            raw = ctypes.string_at(data, size)
+            raw = data if isinstance(data, bytes) else ctypes.string_at(data, size)
             try:
                 item = handler(raw)
             except ValueError:

@@ -30,9 +30,10 @@ def read_bytes(path: str) -> bytes:
     try:
         data = os.read(fd, CHUNK)
         if len(data) < CHUNK:
-            # A short read is the end of a procfs file: the seq_file files (stat, status, maps,
-            # limits, cgroup, fdinfo) and the cmdline/environ readers fill the buffer until the
-            # file ends. Asking again would only return b"": one syscall in three, ~50 ms over
+            # A short read is the end of a single-record procfs file: the single_open seq_files
+            # (stat, status, limits, cgroup, fdinfo) and the cmdline/environ readers fill the
+            # buffer until the file ends. NOT true of record-per-line files such as maps: those
+            # use read_records. Asking again would only return b"": one syscall in three, ~50 ms over
             # 1,000 processes.
             return data
         chunks = [data]
@@ -46,6 +47,30 @@ def read_bytes(path: str) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def read_records(path: str) -> str:
+    """The whole of a record-per-line seq_file (``maps``, ``mountinfo``, ``/proc/net/*``) as str.
+
+    Unlike :func:`read_bytes`, reads until end of file: such a file answers each read with at most
+    one page of whole records (the seq_file buffer), so a short read there is not the end.
+    """
+    try:
+        fd = os.open(path, _FLAGS)
+    except OSError as err:
+        raise from_oserror(err, path) from err
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as err:
+        raise from_oserror(err, path) from err
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
 def read_text(path: str) -> str:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List
 
-from ._io import pid_path, read_text
+from ._io import pid_path, read_records
 from .links import DELETED_SUFFIX, Link
 
 _SHARED_LIB = re.compile(r"\.so(\.[0-9]+)*$")
@@ -125,9 +125,9 @@ def parse_mapped_files(text: str) -> MappedFiles:
 
 def read_mapped_files(proc_root: str, pid: int) -> MappedFiles:
     """Read ``/proc/PID/maps`` and return its distinct mapped files."""
-    return parse_mapped_files(read_text(pid_path(proc_root, pid, "maps")))
+    return parse_mapped_files(read_records(pid_path(proc_root, pid, "maps")))
 
 
 def read_maps(proc_root: str, pid: int) -> List[MapEntry]:
     """Read and parse ``/proc/PID/maps``."""
-    return parse_maps(read_text(pid_path(proc_root, pid, "maps")))
+    return parse_maps(read_records(pid_path(proc_root, pid, "maps")))

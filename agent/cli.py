@@ -8,6 +8,7 @@ Every option can also be given as an ``ASBUILT_<NAME>`` environment variable (e.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -125,9 +126,19 @@ def cmd_scan(args) -> int:
                        kernel_threads=args.kernel_threads)
     profile = scan(ctx, pids=args.pid or None)
     if args.output:
-        write_profile(profile, args.output)
+        gc.disable()  # encoding builds only acyclic dicts/lists: no collector passes over the profile
+        try:
+            write_profile(profile, args.output)
+        finally:
+            gc.enable()
         print(f"asbuilt: wrote {args.output}: {one_line(profile)}", file=sys.stderr)
-    if not args.quiet and not args.output:
+        # The file is written (fsync'd, renamed): leave without tearing down a heap of a whole
+        # host's objects one by one (~0.1 s over 1,000 processes); the kernel frees it at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
+    if not args.quiet:
         render(profile, sys.stdout)
     return 0
 

@@ -118,3 +118,26 @@ def test_passwd_and_group_live():
     users, groups = read_passwd("/"), read_group("/")
     assert users[0] == "root" and groups[0] == "root"
     assert users.get(os.getuid()) == "root"
+
+
+def test_rtnetlink_stdlib_client_equals_pyroute2(test_interface):
+    """The plain-socket reader and pyroute2 see the same links, addresses and routes, including
+    a bridge master, an IPv6 address, an ECMP route and a blackhole route in another table."""
+    from asbuilt.probes.netlink.rtnetlink import read_rtnetlink_pyroute2
+
+    _ip("-6", "addr", "add", "fd12:3456::6/64", "dev", IF, "nodad")
+    _ip("route", "add", "10.123.46.0/24", "nexthop", "via", "10.123.45.1", "dev", IF,
+        "nexthop", "via", "10.123.45.2", "dev", IF)
+    _ip("route", "add", "blackhole", "10.123.47.0/24", "table", "123")
+    try:
+        ours, theirs = read_rtnetlink(), read_rtnetlink_pyroute2()
+        assert ours == theirs
+        ecmp = [(r.gateway, r.dev) for r in ours.routes if r.dst == "10.123.46.0/24"]
+        assert ecmp == [("10.123.45.1", IF), ("10.123.45.2", IF)]
+        assert [r.table for r in ours.routes if r.dst == "blackhole 10.123.47.0/24"] == ["123"]
+        peer = [n for n in ours.links if n.name == PEER]
+        assert peer and peer[0].master == BRIDGE
+        nic = [n for n in ours.links if n.name == IF][0]
+        assert ("fd12:3456::6", 64, "inet6") in [(a.address, a.prefixlen, a.family) for a in nic.addresses]
+    finally:
+        _ip("route", "del", "blackhole", "10.123.47.0/24", "table", "123", check=False)

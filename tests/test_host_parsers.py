@@ -450,3 +450,71 @@ def test_debian12_captured_tree_matches_golden():
     # the only gap: rtnetlink is not asked on a captured tree, and the gap says which mode ran
     assert [(g.kind, g.subject) for g in ctx.coverage.gaps] == [("unsupported", "rtnetlink")]
     assert "fell back to procfs" in ctx.coverage.gaps[0].detail
+
+
+# ------------------------------------------------------------ stdlib rtnetlink message parsers
+def _nlmsg(kind, body, seq=7, flags=0):
+    import struct
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def _nla(kind, payload):
+    import struct
+    data = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _link_msg():
+    import struct
+    body = struct.pack("=BxHiII", 0, 1, 3, 0, 0)
+    body += _nla(3, b"eth9\0") + _nla(1, bytes.fromhex("0250b6000001")) + _nla(4, struct.pack("=I", 9000))
+    body += _nla(16, bytes([6])) + _nla(10, struct.pack("=I", 2)) + _nla(18 | 0x8000, _nla(1, b"veth\0"))
+    return _nlmsg(16, body)
+
+
+def test_parse_rtnetlink_link_addr_route():
+    import socket
+    import struct
+
+    from asbuilt.probes.netlink.rtnetlink import parse_addr, parse_link, parse_route
+    nic, master = parse_link(_link_msg())
+    assert (nic.name, nic.index, nic.mac, nic.mtu, nic.state, nic.kind, master) == \
+        ("eth9", 3, "02:50:b6:00:00:01", 9000, "up", "veth", 2)
+    addr = _nlmsg(20, struct.pack("=BBBBI", socket.AF_INET, 24, 0, 0, 3)
+                  + _nla(1, socket.inet_aton("10.1.2.3")) + _nla(2, socket.inet_aton("10.1.2.3")))
+    index, a = parse_addr(addr)
+    assert index == 3 and (a.address, a.prefixlen, a.subnet, a.scope) == ("10.1.2.3", 24, "10.1.2.0/24", "global")
+    hop = lambda gw, oif: (lambda a: struct.pack("=HBBi", 8 + len(a), 0, 0, oif) + a)(  # noqa: E731
+        _nla(5, socket.inet_aton(gw)))
+    route = _nlmsg(24, struct.pack("=BBBBBBBBI", socket.AF_INET, 24, 0, 0, 254, 4, 0, 1, 0)
+                   + _nla(1, socket.inet_aton("10.9.0.0")) + _nla(15, struct.pack("=I", 254))
+                   + _nla(9, hop("10.1.2.1", 3) + hop("10.1.2.2", 3)))
+    got = parse_route(route, {3: "eth9"})
+    assert [(r.dst, r.gateway, r.dev, r.table, r.protocol, r.metric) for r in got] == \
+        [("10.9.0.0/24", "10.1.2.1", "eth9", "main", "static", None),
+         ("10.9.0.0/24", "10.1.2.2", "eth9", "main", "static", None)]
+    local = _nlmsg(24, struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, 255, 2, 254, 2, 0))
+    assert parse_route(local, {}) == []
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01\x02", _link_msg()[:20], _link_msg()[:-3],
+                                  b"\xff" * 64, _nlmsg(16, b"\x00" * 16 + b"\x03\x00\x03\x00")])
+def test_parse_rtnetlink_never_raises_on_bad_input(data):
+    from asbuilt.probes.netlink.rtnetlink import parse_addr, parse_link, parse_route, parse_rtnetlink_messages
+    msgs, _done, _error, _intr = parse_rtnetlink_messages(data)
+    for m in msgs + [data]:
+        parse_link(m)
+        parse_addr(m)
+        parse_route(m, {})
+
+
+def test_parse_rtnetlink_messages_done_error_and_seq():
+    import struct
+
+    from asbuilt.probes.netlink.rtnetlink import parse_rtnetlink_messages
+    link = _link_msg()
+    assert parse_rtnetlink_messages(link + _nlmsg(3, b"\0\0\0\0"), 7) == ([link], True, 0, False)
+    assert parse_rtnetlink_messages(link, 8) == ([], False, 0, False)  # another request's reply
+    err = _nlmsg(2, struct.pack("=i", -1) + b"\0" * 16)
+    assert parse_rtnetlink_messages(err, 7)[1:3] == (True, 1)
+    assert parse_rtnetlink_messages(_nlmsg(16, b"\0" * 16, flags=0x10), 7)[3] is True

@@ -514,3 +514,20 @@ def test_live_rpm_root(rpm_tools, tmp_path):
     assert idx2.verify("/usr/share/asbuilt-rpmtest/other") is False
     assert idx2.verify("/etc") is None
     assert cov.gaps == []
+
+
+def test_resolve_under_with_directory_cache_equals_realpath(tmp_path):
+    from asbuilt.probes.packages.index import resolve_under
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f").write_text("x")
+    os.symlink(str(real), str(tmp_path / "dirlink"))
+    os.symlink("sub/f", str(real / "filelink"))
+    os.symlink("../real/sub", str(tmp_path / "rel"))
+    dirs = {}
+    paths = [f"{tmp_path}/dirlink/sub/f", f"{tmp_path}/dirlink/filelink", f"{tmp_path}/rel/f",
+             f"{tmp_path}/rel/missing", f"{tmp_path}/nowhere/x", f"{tmp_path}/dirlink/sub/f", "/", "/etc"]
+    for p in paths:
+        assert resolve_under("/", p, dirs=dirs) == os.path.realpath(p), p
+    assert dirs  # the directories were kept

@@ -187,3 +187,83 @@ def test_cli_scan_show_doctor(world, tmp_path):
     assert doc["features"]["kprobes"]["ok"] is False and doc["features"]["kprobes"]["detail"]
     verdicts = {p["name"]: p["verdict"] for p in doc["probes"]}
     assert verdicts["files"] == "run" and verdicts["kfunc"] == "off"
+
+
+# ------------------------------------------------------------------ the forked procfs worker
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "debian12")
+
+
+def _fixture_scan(tmp_path, **options) -> dict:
+    """The captured debian12 tree scanned with ``options``, as a dict without run-to-run times."""
+    import glob
+    import shutil
+
+    from asbuilt.agent.model import to_dict
+    from asbuilt.probes.base import Roots
+
+    root = str(tmp_path / "debian12")
+    if not os.path.isdir(root):
+        shutil.copytree(FIXTURE, root, symlinks=True)
+        for path in glob.glob(os.path.join(root, "var/lib/dpkg/info/*.list")):
+            os.utime(path, (1690000000.0, 1690000000.0))
+    ctx = Context(roots=Roots(proc=os.path.join(root, "proc"), sys=os.path.join(root, "sys"), rootfs=root),
+                  now=1700000000.0, privileged=True, options=dict(options))
+    d = to_dict(scan(ctx))
+    for key in ("generated_at", "started_at", "duration_seconds"):
+        d.pop(key, None)
+    for run in d.get("coverage", {}).get("probes", []):
+        run.pop("duration_seconds", None)
+    return d
+
+
+def test_forked_worker_gives_the_same_profile(tmp_path, monkeypatch):
+    import asbuilt.agent.scan as scanmod
+
+    alone = _fixture_scan(tmp_path, workers=1)
+    seen = []
+    real_fork = scanmod._fork_worker
+    monkeypatch.setattr(scanmod, "MIN_FORK_PIDS", 1)
+    monkeypatch.setattr(scanmod, "_fork_worker", lambda *a: seen.append(a[1]) or real_fork(*a))
+    shared = _fixture_scan(tmp_path)
+    assert seen and seen[0], "the worker was forked and given pids"
+    assert shared == alone
+    assert [p["pid"] for p in shared["processes"]] == sorted(p["pid"] for p in shared["processes"])
+
+
+def test_failed_worker_is_replaced_by_reading_its_share(tmp_path, monkeypatch):
+    import asbuilt.agent.scan as scanmod
+
+    alone = _fixture_scan(tmp_path, workers=1)
+    parent, real_read = os.getpid(), scanmod._read_one
+
+    def dies_in_the_worker(*args):
+        if os.getpid() != parent:
+            os._exit(7)  # the worker dies without a word: the parent reads its pids itself
+        return real_read(*args)
+
+    monkeypatch.setattr(scanmod, "MIN_FORK_PIDS", 1)
+    monkeypatch.setattr(scanmod, "_read_one", dies_in_the_worker)
+    assert _fixture_scan(tmp_path) == alone
+
+
+def test_live_scan_with_worker_sees_every_process_and_leaves_no_child():
+    import asbuilt.agent.scan as scanmod
+
+    n = scanmod.MIN_FORK_PIDS + 20
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+             for _ in range(n)]
+    try:
+        ctx = Context()
+        probe = scanmod.ProcessProbe(build=lambda info: scanmod.build_process(info, {}, {}, 0.0, 100))
+        got = probe.collect(ctx)
+        assert probe.workers == 2
+        pids = [proc.pid for proc, _ in got]
+        assert pids == sorted(pids) and {p.pid for p in procs} <= set(pids)
+        # vanished pids are gaps, not tracebacks, whichever side read them
+        assert all(g.kind in ("vanished", "denied", "unreadable") for g in ctx.coverage.gaps)
+        with open(f"/proc/self/task/{os.getpid()}/children") as fh:  # the worker was reaped
+            assert {int(c) for c in fh.read().split()} == {p.pid for p in procs}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -1,25 +1,35 @@
 """Links, addresses and routes of the reader's network namespace via rtnetlink (rtnetlink(7)).
 
-Asked through pyroute2's ``IPRoute`` (imported inside :func:`read_rtnetlink`): RTM_GETLINK gives
-each link's index, name, MAC, MTU, operstate, master and ``IFLA_INFO_KIND`` (veth, bridge, ifb ...);
-RTM_GETADDR the IPv4/IPv6 addresses, each with the subnet it implies; RTM_GETROUTE the routes of
-every table except ``local`` (255), whose entries (one per own address, broadcasts, multicast) are
-noise that the addresses already say. Only unicast-ish route types are kept (unicast, blackhole,
-unreachable, prohibit, throw).
+Asked with a minimal client on the stdlib ``socket`` and ``struct`` modules (three dump requests on
+one ``NETLINK_ROUTE`` socket, as :mod:`.sock_diag` does for sockets): importing pyroute2 alone
+costs ~60-100 ms, more than the whole network part of a host scan. :func:`read_rtnetlink_pyroute2`
+asks the same through pyroute2's ``IPRoute`` (imported inside it) and gives the same result; the
+live tests hold the two to that. RTM_GETLINK gives each link's index, name, MAC, MTU, operstate,
+master and ``IFLA_INFO_KIND`` (veth, bridge, ifb ...); RTM_GETADDR the IPv4/IPv6 addresses, each
+with the subnet it implies; RTM_GETROUTE the routes of every table except ``local`` (255), whose
+entries (one per own address, broadcasts, multicast) are noise that the addresses already say.
+Only unicast-ish route types are kept (unicast, blackhole, unreachable, prohibit, throw).
 
-Fallback when pyroute2 is missing or netlink fails (or the roots are a captured tree): routes from
+Structures (uapi, ABI-stable): ``linux/netlink.h`` (``nlmsghdr``, ``nlattr``),
+``linux/rtnetlink.h`` (``rtmsg``, ``rtattr``, ``rtnexthop``, ``RTA_*``), ``linux/if_link.h``
+(``ifinfomsg``, ``IFLA_*``), ``linux/if_addr.h`` (``ifaddrmsg``, ``IFA_*``). The pure parser
+:func:`parse_rtnetlink_messages` never raises on malformed input: a message or attribute that is
+too short or runs past its container is skipped.
+
+Fallback when netlink fails (or the roots are a captured tree): routes from
 ``/proc/net/route`` (IPv4, main table only) and ``/proc/net/ipv6_route`` (all tables, local entries
 dropped), IPv6 addresses from ``/proc/net/if_inet6``; IPv4 addresses have no procfs file and stay
 unknown. Links then come from sysfs alone. The caller records which mode ran.
 """
 from __future__ import annotations
 
+import errno as _errno
 import ipaddress
 import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ...agent.errors import AsbuiltError, ProbeUnavailable, from_oserror
 from ...agent.model import Address, Nic, Route
@@ -115,8 +125,8 @@ def _route_from_msg(msg, names: Dict[int, str]) -> List[Route]:
     return out
 
 
-def read_rtnetlink() -> NetState:
-    """Links, addresses and routes of this network namespace (see module docstring)."""
+def read_rtnetlink_pyroute2() -> NetState:
+    """What :func:`read_rtnetlink` reads, asked through pyroute2 (the reference it is tested against)."""
     try:
         from pyroute2 import IPRoute  # optional import, inside the probe only
     except ImportError as err:
@@ -150,6 +160,251 @@ def read_rtnetlink() -> NetState:
     for m in route_msgs:
         state.routes.extend(_route_from_msg(m, names))
     return state
+
+
+# ------------------------------------------------------------------- stdlib rtnetlink client
+NETLINK_ROUTE = 0
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_GETROUTE = 16, 18, 20, 22, 24, 26
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_OPERSTATE, IFLA_LINKINFO = 1, 3, 4, 10, 16, 18
+IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
+IFLA_INFO_KIND = 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 7, 9, 15
+OPERSTATES = ("UNKNOWN", "NOTPRESENT", "DOWN", "LOWERLAYERDOWN", "TESTING", "DORMANT", "UP")
+DUMP_ATTEMPTS = 3  # a dump the kernel marks interrupted (NLM_F_DUMP_INTR) is asked again
+RECV_BUFFER_BYTES = 1 << 20
+RECV_TIMEOUT_SECONDS = 10.0
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_NLATTR = struct.Struct("=HH")  # len, type
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
+_U32 = struct.Struct("=I")
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attributes(data: bytes, start: int, end: int) -> Dict[int, bytes]:
+    """type -> payload of the netlink attributes in ``data[start:end]``; the first of a type wins
+    (as pyroute2's get_attr); a truncated attribute ends the list (pure, never raises)."""
+    out: Dict[int, bytes] = {}
+    end = min(end, len(data))
+    while start + 4 <= end:
+        length, kind = _NLATTR.unpack_from(data, start)
+        if length < 4 or start + length > end:
+            break
+        out.setdefault(kind & NLA_TYPE_MASK, data[start + 4:start + length])
+        start += _align(length)
+    return out
+
+
+def _asciiz(value: Optional[bytes]) -> str:
+    return value.split(b"\0", 1)[0].decode("utf-8", "replace") if value else ""
+
+
+def _u32(value: Optional[bytes]) -> Optional[int]:
+    return _U32.unpack_from(value)[0] if value is not None and len(value) >= 4 else None
+
+
+def _ip(family: int, value: Optional[bytes]) -> Optional[str]:
+    size = 4 if family == socket.AF_INET else 16 if family == socket.AF_INET6 else 0
+    if not value or not size or len(value) < size:
+        return None
+    return socket.inet_ntop(family, value[:size])
+
+
+def parse_rtnetlink_messages(data: bytes, seq: int = 0) -> Tuple[List[bytes], bool, int, bool]:
+    """Split one netlink reply into messages (pure, never raises).
+
+    Returns ``(messages, done, error, interrupted)``: the data messages, each whole (header
+    included; ``seq`` 0 takes any sequence number), ``done`` at ``NLMSG_DONE`` or an error, ``error`` the errno of an ``NLMSG_ERROR`` (0 if none), ``interrupted`` when a message
+    carries ``NLM_F_DUMP_INTR``.
+    """
+    out: List[bytes] = []
+    done, error, interrupted = False, 0, False
+    pos, end = 0, len(data)
+    while pos + _NLMSGHDR.size <= end:
+        length, kind, flags, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if length < _NLMSGHDR.size or pos + length > end:
+            break  # truncated: nothing after it can be trusted
+        if seq and mseq != seq:
+            pos += _align(length)
+            continue
+        interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+        if kind == NLMSG_DONE:
+            done = True
+            break
+        if kind == NLMSG_ERROR:
+            code = struct.unpack_from("=i", data, pos + 16)[0] if length >= 20 else -1
+            error, done = -code, True
+            break
+        out.append(data[pos:pos + length])
+        pos += _align(length)
+    return out, done, error, interrupted
+
+
+def parse_link(msg: bytes) -> Optional[Tuple[Nic, int]]:
+    """(Nic, index of its master or 0) from one RTM_NEWLINK message (header included); the
+    master's name is filled in by the caller, who knows every link. None when too short (pure)."""
+    base = _NLMSGHDR.size
+    if len(msg) < base + _IFINFOMSG.size:
+        return None
+    _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(msg, base)
+    attrs = _attributes(msg, base + _IFINFOMSG.size, len(msg))
+    mac = attrs.get(IFLA_ADDRESS)
+    state = attrs.get(IFLA_OPERSTATE)
+    operstate = OPERSTATES[state[0]] if state and state[0] < len(OPERSTATES) else ""
+    kind = ""
+    info = attrs.get(IFLA_LINKINFO)
+    if info:
+        kind = _asciiz(_attributes(info, 0, len(info)).get(IFLA_INFO_KIND))
+    nic = Nic(name=_asciiz(attrs.get(IFLA_IFNAME)), index=index,
+              mac=":".join(f"{b:02x}" for b in mac) if mac else "",
+              mtu=_u32(attrs.get(IFLA_MTU)) or 0, state=operstate.lower(), kind=kind)
+    return nic, _u32(attrs.get(IFLA_MASTER)) or 0
+
+
+def parse_addr(msg: bytes) -> Optional[Tuple[int, Address]]:
+    """(link index, Address) from one RTM_NEWADDR message; None when it has no address (pure)."""
+    base = _NLMSGHDR.size
+    if len(msg) < base + _IFADDRMSG.size:
+        return None
+    family, prefixlen, _flags, scope, index = _IFADDRMSG.unpack_from(msg, base)
+    attrs = _attributes(msg, base + _IFADDRMSG.size, len(msg))
+    address = _ip(family, attrs.get(IFA_LOCAL)) or _ip(family, attrs.get(IFA_ADDRESS))
+    if not address:
+        return None
+    try:
+        return index, make_address(address, prefixlen, _scope(scope))
+    except ValueError:
+        return None
+
+
+def parse_route(msg: bytes, names: Dict[int, str]) -> List[Route]:
+    """The Routes of one RTM_NEWROUTE message (one per next hop; none for the local table or a
+    type not kept), as :func:`read_rtnetlink_pyroute2` renders them (pure)."""
+    base = _NLMSGHDR.size
+    if len(msg) < base + _RTMSG.size:
+        return []
+    family, dst_len, _src_len, _tos, table, proto, scope, rtype, _flags = _RTMSG.unpack_from(msg, base)
+    attrs = _attributes(msg, base + _RTMSG.size, len(msg))
+    table = _u32(attrs.get(RTA_TABLE)) or table
+    if rtype not in _ROUTE_TYPES or table == RT_TABLE_LOCAL or family not in (socket.AF_INET, socket.AF_INET6):
+        return []
+    dst = _ip(family, attrs.get(RTA_DST))
+    dst_text = f"{dst}/{dst_len}" if dst else "default" if dst_len == 0 else ""
+    if _ROUTE_TYPES[rtype]:
+        dst_text = f"{_ROUTE_TYPES[rtype]} {dst_text}"
+    base_route = Route(family="inet" if family == socket.AF_INET else "inet6", dst=dst_text,
+                       table=_table(table), protocol=PROTOCOL_NAMES.get(proto, str(proto)),
+                       scope=_scope(scope), metric=_u32(attrs.get(RTA_PRIORITY)),
+                       prefsrc=_ip(family, attrs.get(RTA_PREFSRC)) or "")
+    hops = attrs.get(RTA_MULTIPATH)
+    if not hops:
+        base_route.gateway = _ip(family, attrs.get(RTA_GATEWAY)) or ""
+        base_route.dev = names.get(_u32(attrs.get(RTA_OIF)) or 0, "")
+        return [base_route]
+    out = []
+    pos = 0
+    while pos + _RTNEXTHOP.size <= len(hops):  # ECMP: one Route per next hop
+        length, _hflags, _hops, ifindex = _RTNEXTHOP.unpack_from(hops, pos)
+        if length < _RTNEXTHOP.size or pos + length > len(hops):
+            break
+        hop_attrs = _attributes(hops, pos + _RTNEXTHOP.size, pos + length)
+        route = Route(**vars(base_route))
+        route.gateway = _ip(family, hop_attrs.get(RTA_GATEWAY)) or ""
+        route.dev = names.get(ifindex, "")
+        out.append(route)
+        pos += _align(length)
+    return out
+
+
+def _request(kind: int, seq: int, body: bytes) -> bytes:
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def _dump(sock: socket.socket, kind: int, body: bytes, seq: int, what: str) -> List[bytes]:
+    """Every RTM_NEW* message of one dump (asked again when the kernel says it was interrupted)."""
+    buf = bytearray(RECV_BUFFER_BYTES)
+    for attempt in range(DUMP_ATTEMPTS):
+        try:
+            sock.sendall(_request(kind, seq + attempt, body))
+        except OSError as err:
+            raise from_oserror(err, f"rtnetlink {what} request") from err
+        msgs: List[bytes] = []
+        interrupted = False
+        while True:
+            try:
+                nbytes = sock.recv_into(buf)
+            except socket.timeout as err:
+                raise AsbuiltError(f"rtnetlink {what}: no reply from the kernel") from err
+            except OSError as err:
+                raise from_oserror(err, f"rtnetlink {what} reply") from err
+            if nbytes == 0:
+                raise AsbuiltError(f"rtnetlink {what}: empty reply")
+            got, done, error, intr = parse_rtnetlink_messages(bytes(buf[:nbytes]), seq + attempt)
+            msgs.extend(got)
+            interrupted = interrupted or intr
+            if error:
+                raise AsbuiltError(f"rtnetlink {what}: kernel refused the dump ({os.strerror(error)})")
+            if done:
+                break
+        if not interrupted:
+            return msgs
+    raise AsbuiltError(f"rtnetlink {what}: dump interrupted {DUMP_ATTEMPTS} times (NLM_F_DUMP_INTR)")
+
+
+def read_rtnetlink() -> NetState:
+    """Links, addresses and routes of this network namespace (see module docstring)."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    except (OSError, AttributeError) as err:
+        if isinstance(err, AttributeError) or err.errno in (_errno.EPROTONOSUPPORT, _errno.EAFNOSUPPORT):
+            raise ProbeUnavailable("netlink route sockets are not available here") from err
+        raise from_oserror(err, "rtnetlink socket") from err
+    try:
+        try:
+            sock.bind((0, 0))
+            sock.settimeout(RECV_TIMEOUT_SECONDS)
+        except OSError as err:
+            raise from_oserror(err, "rtnetlink socket") from err
+        ext_mask = _NLATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+        link_msgs = _dump(sock, RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + ext_mask,
+                          100, "links")
+        addr_msgs = _dump(sock, RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), 200, "addresses")
+        route_msgs = [m for n, fam in enumerate((socket.AF_INET, socket.AF_INET6))
+                      for m in _dump(sock, RTM_GETROUTE, _RTMSG.pack(fam, 0, 0, 0, 0, 0, 0, 0, 0),
+                                     300 + 10 * n, "routes")]
+    finally:
+        sock.close()
+    state = NetState(mode=MODE_NETLINK)
+    links = [got for got in (parse_link(m) for m in link_msgs if _msg_type(m) == RTM_NEWLINK) if got]
+    names = {nic.index: nic.name for nic, _ in links}
+    by_index: Dict[int, Nic] = {}
+    for nic, master in links:
+        nic.master = names.get(master, "")
+        by_index[nic.index] = nic
+        state.links.append(nic)
+    for m in addr_msgs:
+        got = parse_addr(m) if _msg_type(m) == RTM_NEWADDR else None
+        nic = by_index.get(got[0]) if got else None
+        if nic is not None:
+            nic.addresses.append(got[1])
+    for m in route_msgs:
+        if _msg_type(m) == RTM_NEWROUTE:
+            state.routes.extend(parse_route(m, names))
+    return state
+
+
+def _msg_type(msg: bytes) -> int:
+    return _NLMSGHDR.unpack_from(msg, 0)[1]
 
 
 # ------------------------------------------------------------------------- procfs fallback

@@ -234,8 +234,10 @@ class DpkgIndex(PackageIndex):
         self._list_mtime: Dict[str, Optional[float]] = {}
         self._unreadable: Set[str] = set()  # list files already recorded as a gap
         self._cands: Dict[str, List[str]] = {}
+        self._real_dirs: Dict[str, str] = {}  # directory -> its realpath (see resolve_under)
         self._md5: Dict[str, Dict[str, str]] = {}
         self._hash_cache: Dict[Tuple[str, int, int], str] = {}
+        self._hashing: Dict[str, object] = {}  # host path -> Future of _hash_file (prefetch_hashes)
         self._seen: Set[str] = set()
         self._origins: Dict[str, str] = {}
         self._resolver = None
@@ -337,7 +339,7 @@ class DpkgIndex(PackageIndex):
         and each time would resolve its symlinks again (a few lstat calls per path)."""
         got = self._cands.get(path)
         if got is None:
-            got = self._cands[path] = candidates(self.roots.rootfs, path, self.merged)
+            got = self._cands[path] = candidates(self.roots.rootfs, path, self.merged, self._real_dirs)
         return got
 
     def _spellings(self, path: str) -> List[str]:
@@ -468,6 +470,40 @@ class DpkgIndex(PackageIndex):
             return e.conffiles[listed]
         return self._md5sums(key).get(listed, "")
 
+    def prefetch_hashes(self, paths: Iterable[str]) -> None:
+        """Start hashing, on background threads, the files verify() will hash for ``paths``.
+
+        Reading and md5 release the GIL, so two threads hash on both CPUs while the caller goes on
+        (resolving origins, say); verify() then waits for its file's result. Largest files first,
+        so the last one to finish is a small one. Gaps are still recorded by verify(), in its order.
+        """
+        todo: Dict[str, int] = {}
+        for path in paths:
+            for key, listed in self._locate(path):
+                if not self.shipped_md5(key, listed):
+                    continue
+                host = self._host_file(path)
+                if host not in self._hashing and host not in todo:
+                    try:
+                        todo[host] = os.stat(host).st_size
+                    except OSError:
+                        pass  # verify() finds out again and says why
+                break
+        if not todo:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            workers = min(HASH_THREADS, len(os.sched_getaffinity(0)), len(todo))
+        except (AttributeError, OSError):
+            workers = 1
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="asbuilt-md5")
+        try:
+            for host in sorted(todo, key=lambda h: -todo[h]):
+                self._hashing[host] = pool.submit(_hash_file, host)
+        finally:
+            pool.shutdown(wait=False)  # the threads end when the queue is empty
+
     def verify(self, path: str) -> Optional[bool]:
         for key, listed in self._locate(path):
             want = self.shipped_md5(key, listed)
@@ -479,27 +515,53 @@ class DpkgIndex(PackageIndex):
             return have != want
         return None
 
-    def _hash(self, path: str) -> Optional[str]:
+    def _host_file(self, path: str) -> str:
         host = self.roots.path(path)
         if not self.roots.live:
             real = self._real(path)
             host = self.roots.path(real) if real else host
+        return host
+
+    def _hash(self, path: str) -> Optional[str]:
+        host = self._host_file(path)
+        pending = self._hashing.pop(host, None)
         try:
-            with open(host, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                ck = (host, st.st_size, st.st_mtime_ns)
-                got = self._hash_cache.get(ck)
-                if got is not None:
-                    return got
-                h = hashlib.md5()
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            if pending is not None:
+                ck, digest = pending.result()  # type: ignore[attr-defined]  # raises its OSError
+                self._hash_cache.setdefault(ck, digest)
+            else:
+                ck, digest = _hash_file(host, self._hash_cache)
         except OSError as err:
             if isinstance(from_oserror(err, path), Denied):
                 self.gaps.add("denied", path, "cannot hash it to verify against its package")
             return None  # vanished or unreadable: cannot tell
-        got = self._hash_cache[ck] = h.hexdigest()
-        return got
+        self._hash_cache[ck] = digest
+        return digest
 
     def _real(self, path: str) -> Optional[str]:
         return resolve_under(self.roots.rootfs, path)
+
+
+HASH_THREADS = 2
+HASH_CHUNK_BYTES = 1 << 21  # 2 MiB: each chunk is one GIL hand-off for a hashing thread
+
+
+def _hash_file(host: str, cache: Optional[Dict[Tuple[str, int, int], str]] = None) -> Tuple[Tuple[str, int, int], str]:
+    """((path, size, mtime_ns), md5 hex) of one file; ``cache`` answers an unchanged file without
+    reading it. Raises OSError. Safe on a worker thread (touches no shared state but ``cache``
+    reads)."""
+    with open(host, "rb", buffering=0) as fh:
+        st = os.fstat(fh.fileno())
+        ck = (host, st.st_size, st.st_mtime_ns)
+        got = cache.get(ck) if cache is not None else None
+        if got is not None:
+            return ck, got
+        h = hashlib.md5()
+        buf = bytearray(min(HASH_CHUNK_BYTES, max(st.st_size, 1)))
+        view = memoryview(buf)
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return ck, h.hexdigest()

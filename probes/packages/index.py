@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import shutil
+import stat
 from typing import Dict, Iterable, List, Optional
 
 from ...agent.model import Package
@@ -56,6 +57,10 @@ class PackageIndex:
         None when that cannot be told (not owned, no checksum shipped, unreadable)."""
         raise NotImplementedError
 
+    def prefetch_hashes(self, paths: Iterable[str]) -> None:
+        """A hint that verify() will be asked about ``paths``: an index may start hashing them in
+        the background. Changes no result; the default does nothing."""
+
 
 # ----------------------------------------------------------------------------- path helpers
 def merged_dirs(rootfs: str) -> frozenset:
@@ -86,15 +91,32 @@ def usrmerge_aliases(path: str, merged: Iterable[str] = USRMERGE_DIRS) -> List[s
     return []
 
 
-def resolve_under(rootfs: str, path: str, limit: int = 40) -> Optional[str]:
+def resolve_under(rootfs: str, path: str, limit: int = 40,
+                  dirs: Optional[Dict[str, str]] = None) -> Optional[str]:
     """``realpath`` of the host path ``path`` as seen from inside ``rootfs`` (a host path too).
 
     Absolute link targets are taken relative to ``rootfs``; ``..`` never climbs above it.
     Components that do not exist are kept as they are. None on a symlink loop.
+
+    ``dirs`` (live root only) keeps the realpath of each directory resolved so far: a path whose
+    last component is not a symlink is its directory's realpath plus that name, one ``lstat``
+    instead of one per component (a thousand log files in one directory, a hundred libraries in
+    ``/usr/lib/x86_64-linux-gnu``).
     """
     root = rootfs or "/"
     if root == "/":
-        return os.path.realpath(path)
+        head, _, tail = path.rpartition("/")
+        if dirs is None or not head.startswith("/") or tail in ("", ".", ".."):
+            return os.path.realpath(path)
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return os.path.realpath(path)
+        except OSError:
+            pass  # absent: kept as it is, as realpath does
+        real = dirs.get(head)
+        if real is None:
+            real = dirs[head] = os.path.realpath(head)
+        return real.rstrip("/") + "/" + tail
     todo = [c for c in path.split("/") if c]
     done: List[str] = []
     hops = 0
@@ -121,9 +143,11 @@ def resolve_under(rootfs: str, path: str, limit: int = 40) -> Optional[str]:
     return "/" + "/".join(done)
 
 
-def candidates(rootfs: str, path: str, merged: Iterable[str]) -> List[str]:
+def candidates(rootfs: str, path: str, merged: Iterable[str],
+               dirs: Optional[Dict[str, str]] = None) -> List[str]:
     """Spellings of ``path`` to look up, in order: as given, its merged-/usr aliases, then its
-    realpath under ``rootfs`` and that one's aliases. No duplicates."""
+    realpath under ``rootfs`` and that one's aliases. No duplicates. ``dirs``: see
+    :func:`resolve_under`."""
     out: List[str] = []
 
     def add(p: Optional[str]) -> None:
@@ -134,7 +158,7 @@ def candidates(rootfs: str, path: str, merged: Iterable[str]) -> List[str]:
     add(norm)
     for a in usrmerge_aliases(norm, merged):
         add(a)
-    real = resolve_under(rootfs, norm)
+    real = resolve_under(rootfs, norm, dirs=dirs)
     if real and real != norm:
         add(real)
         for a in usrmerge_aliases(real, merged):

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ebpf", action="store_true", help="proc connector and polling only")
     p.add_argument("--no-packages", action="store_true", help="skip the dpkg/rpm lookup")
     p.add_argument("--no-capture", action="store_true", help="no packet capture on the process's ports")
+    p.add_argument("--syscalls", choices=("sampled", "exact", "off"), default="sampled",
+                   help="syscall counts: hot syscalls (>1,000/s) sampled 1 in 64 (default), every call "
+                        "counted (about twice the per-syscall cost), or off")
     p.add_argument("--pcap", default="", help="also write the captured packets here (pcap, mode 0600)")
     p.add_argument("--progress", action="store_true", help="show progress even with --quiet")
     _add_output(p)

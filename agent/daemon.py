@@ -40,6 +40,7 @@ from ..probes.base import Context
 log = logging.getLogger("asbuilt.daemon")
 
 DRAIN_SECONDS = 1.0
+CAPTURE_REARM_SECONDS = 3600.0  # capture re-identifies every port this often (at a rescan)
 SNAPSHOT_GLOB = "profile-*.msgpack"
 
 
@@ -137,6 +138,7 @@ class Daemon:
         self.load = load  # re-reads file + environment + flags (SIGHUP)
         self.rolling = Rolling(cfg.max_processes, cfg.forget_after)
         self.writer = SnapshotWriter(cfg.state_dir, cfg.retention)
+        self._rearmed_at = time.monotonic()
         self.published: Profile = Profile(mode="run")
         self.stop_event = threading.Event()
         self.reload_wanted = False
@@ -429,6 +431,15 @@ class Daemon:
             new = [p.pid for p in chosen if p.pid not in known]
             if new and self.cfg.select and self.probes is not None:
                 self.probes.add_pids(new)  # a selection: processes that match now are watched too
+        capture = getattr(self.probes, "capture", None) if self.probes is not None else None
+        if capture is not None and time.monotonic() - self._rearmed_at >= CAPTURE_REARM_SECONDS:
+            # Capture closes its socket once every port's protocol is known; look again now and
+            # then (a service may have changed what it speaks, a port its peers).
+            self._rearmed_at = time.monotonic()
+            try:
+                capture.rearm()
+            except Exception as err:  # capture is evidence, never the daemon's failure
+                log.warning("capture rearm failed reason=%s", err)
         seconds = time.monotonic() - t0
         self.counters["scans_total"] = int(self.counters["scans_total"]) + 1
         self.counters["scan_duration_seconds"] = round(seconds, 3)

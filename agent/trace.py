@@ -121,8 +121,10 @@ class Progress:
 class ProbeSet:
     """The event probes of one trace, started together, drained together, stopped together."""
 
-    def __init__(self, ctx: Context, syscalls: bool = True, fdpoll: bool = True):
+    def __init__(self, ctx: Context, syscalls: bool = True, fdpoll: bool = True,
+                 syscalls_exact: bool = False):
         self.ctx = ctx
+        self.syscalls_exact = syscalls_exact  # every call counted, not hot ones sampled
         self.fdpoll = fdpoll  # the daemon relies on its rescans instead of polling every fd table
         self.syscalls = syscalls  # the daemon leaves raw_syscalls off: it is the costly probe
         self.running: List[object] = []  # probes with drain()/stop()
@@ -173,7 +175,8 @@ class ProbeSet:
             if not probe.check(self.ctx):
                 probe.prefetch(children)
         checks = kfunc.Checks()
-        core = [ProcProbe(), FilesProbe()] + ([SyscallsProbe()] if self.syscalls else [])
+        core = [ProcProbe(), FilesProbe()] + (
+            [SyscallsProbe(exact=self.syscalls_exact)] if self.syscalls else [])
         try:
             self.session = start_together(self.ctx, core, pids, follow_children=children)
         except BaseException:
@@ -182,10 +185,10 @@ class ProbeSet:
             raise
         for probe in core:
             self.running.append(probe)
-            self._run(probe.name, "ok", mode="ebpf")
+            self._run(probe.name, "ok", mode="ebpf" + (f" {probe.mode}" if probe.name == "syscalls" else ""))
         if not self.syscalls:
-            self._run("syscalls", "skipped", "off in the daemon (raw_syscalls on every process costs the "
-                      "host most); asbuilt trace --pid counts them")
+            self._run("syscalls", "skipped", "off (a program on every syscall of the host is the costly "
+                      "probe); asbuilt trace --pid counts them unless --syscalls=off")
         log.info("ebpf core attached seconds=%.2f", time.monotonic() - t0)
         for probe in optional:
             self._start_optional(probe, pids, children)
@@ -329,6 +332,13 @@ class ProbeSet:
             run = self.runs.get(getattr(probe, "name", ""))
             if run is not None:
                 run.lost_events = getattr(probe, "lost_events", 0)
+                if hasattr(probe, "note"):  # how the counts were taken (which syscalls were sampled)
+                    run.reason = probe.note()
+        if self.capture is not None and "capture" in self.runs:
+            try:  # what was identified when, and when the socket narrowed or closed
+                self.runs["capture"].reason = self.capture.summary
+            except Exception as err:
+                log.warning("capture summary failed reason=%s", err)
         return out
 
     def _stop_all(self) -> None:
@@ -352,7 +362,8 @@ def tree_of(proc_root: str, pid: int, children: bool) -> List[int]:
 
 
 def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebpf: bool = True,
-          progress: Optional[Progress] = None, capture: bool = True, pcap: str = "") -> Profile:
+          progress: Optional[Progress] = None, capture: bool = True, pcap: str = "",
+          syscalls: str = "sampled") -> Profile:
     """Trace ``pid`` (and its children) for ``seconds``; returns the merged profile."""
     from .scan import scan
 
@@ -365,7 +376,7 @@ def trace(ctx: Context, pid: int, seconds: float, children: bool = True, use_ebp
     profile = scan(ctx, pids=pids)
     profile.mode, profile.target_pids = "trace", [pid]
     merger = TraceMerger(profile, ctx)
-    probes = ProbeSet(ctx)
+    probes = ProbeSet(ctx, syscalls=syscalls != "off", syscalls_exact=syscalls == "exact")
     t_start = time.time()
     with Window(seconds) as window:
         probes.start(pids, children, use_ebpf)
@@ -421,7 +432,8 @@ def run_trace(args) -> int:
               file=sys.stderr)
     progress = Progress(quiet=args.quiet and not args.progress)
     profile = trace(ctx, args.pid, seconds, children=args.children, use_ebpf=not args.no_ebpf,
-                    progress=progress, capture=not args.no_capture, pcap=args.pcap)
+                    progress=progress, capture=not args.no_capture, pcap=args.pcap,
+                    syscalls=getattr(args, "syscalls", "sampled"))
     if args.output:
         write_profile(profile, args.output)
         print(f"asbuilt: wrote {args.output}: {one_line(profile)}", file=sys.stderr)

@@ -45,6 +45,9 @@ ATTACH_TARGET_S = 5.0
 SIZE_TARGET = 0.01
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+CAPTURE_THREAD = "asbuilt-capture"  # the capture probe names its thread (prctl PR_SET_NAME)
+CAPTURE_RATIO_TARGET = 0.97  # throughput with capture / without (--no-capture)
+CAPTURE_CPU_TARGET_PCT = 15.0
 
 ASBUILT_ATTACHED = re.compile(r"asbuilt: tracing pid \d+ mode=(\S+) attached in ([\d.]+)s: ?(.*)")
 ASBUILT_PROGRESS = re.compile(r"asbuilt: trace\s+([\d.]+)s\s+events (\d+)\s+new facts (\d+)\s+lost (\d+)")
@@ -66,6 +69,26 @@ def proc_cpu_ticks(pid: int) -> Optional[int]:
         return None
     fields = text[text.rfind(")") + 2:].split()
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+
+
+def thread_cpu_ticks(pid: int, comm: str) -> Optional[int]:
+    """utime+stime of the live threads of ``pid`` named ``comm`` (capture figures); None when there is none."""
+    total, found = 0, False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                text = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        if text[text.find("(") + 1:text.rfind(")")] != comm:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        total, found = total + int(fields[11]) + int(fields[12]), True
+    return total if found else None
 
 
 def proc_status_kb(pid: int, key: str) -> Optional[int]:
@@ -383,6 +406,7 @@ def run_mode(args, mode: Mode, rnd: int, tmpdir: str, redis: Child, n: int) -> d
                 res["probes"] = m.group(3).split(";")[0]
         time.sleep(args.settle)
     ticks0 = proc_cpu_ticks(tracer.pid) if tracer else None
+    cticks0 = thread_cpu_ticks(tracer.pid, CAPTURE_THREAD) if tracer and mode.asbuilt else None
     rticks0 = proc_cpu_ticks(redis.pid)
     t0 = time.monotonic()
     load = run_load(args.bench, args.port, max(1000, n // mode.n_div), args.clients, args.tests,
@@ -395,6 +419,10 @@ def run_mode(args, mode: Mode, rnd: int, tmpdir: str, redis: Child, n: int) -> d
         res["redis_cpu_pct"] = round(100.0 * (rticks1 - rticks0) / CLK_TCK / window, 1)
     if tracer is not None:
         ticks1 = proc_cpu_ticks(tracer.pid)
+        if cticks0 is not None:
+            cticks1 = thread_cpu_ticks(tracer.pid, CAPTURE_THREAD)
+            if cticks1 is not None:
+                res["capture_cpu_pct"] = round(100.0 * (cticks1 - cticks0) / CLK_TCK / window, 1)
         hwm = proc_status_kb(tracer.pid, "VmHWM")
         rss_now = proc_status_kb(tracer.pid, "VmRSS")
         if ticks0 is not None and ticks1 is not None:
@@ -537,7 +565,7 @@ def summarise(modes: List[Mode], runs: List[dict]) -> Dict[str, dict]:
         row = {"label": mode.label, "rounds": [r.get("rps") for r in mine], "median_rps": median([r["rps"] for r in ok]),
                "failed": [r.get("error", "?") for r in mine if not r.get("ok")]}
         for key in ("cpu_pct", "hwm_window_mb", "rss_window_mb", "maxrss_mb", "attach_s", "attach_self_s", "stop_s", "lost",
-                    "profile_bytes", "log_bytes", "redis_cpu_pct"):
+                    "profile_bytes", "log_bytes", "redis_cpu_pct", "capture_cpu_pct"):
             vals = [r[key] for r in mine if key in r]
             if vals:
                 row[key] = {"median": median(vals), "max": max(vals), "min": min(vals)}
@@ -582,6 +610,19 @@ def verdicts(rows: Dict[str, dict], size: Optional[dict]) -> List[dict]:
     if nc is not None and nc.get("ratio") is not None:
         add(f"throughput >= {THROUGHPUT_TARGET:.0%} of untraced with --no-capture (information)",
             nc["ratio"] >= THROUGHPUT_TARGET, f"{nc['ratio']:.1%}")
+    if nc is not None and nc.get("median_rps") and a.get("median_rps"):
+        cap = a["median_rps"] / nc["median_rps"]
+        add(f"capture: throughput with capture >= {CAPTURE_RATIO_TARGET:.0%} of the same trace with --no-capture",
+            cap >= CAPTURE_RATIO_TARGET, f"median {a['median_rps']:.0f} vs {nc['median_rps']:.0f} req/s = {cap:.1%}")
+    ccpu = a.get("capture_cpu_pct", {}).get("max")
+    extra = ""
+    if nc is not None and a.get("cpu_pct") and nc.get("cpu_pct"):
+        extra = (f"; tracer CPU median {a['cpu_pct']['median']:.1f}% with capture vs {nc['cpu_pct']['median']:.1f}% "
+                 "without")
+    add(f"capture: capture thread CPU < {CAPTURE_CPU_TARGET_PCT:.0f}% of one core while the load runs",
+        None if ccpu is None else ccpu < CAPTURE_CPU_TARGET_PCT,
+        (f"max {ccpu}% (median {a['capture_cpu_pct']['median']:.1f}%) over the rounds" if ccpu is not None
+         else "no reading (thread not found)") + extra)
     cpu = a.get("cpu_pct", {}).get("max")
     add(f"agent CPU < {CPU_TARGET_PCT:.0f}% of one core while tracing the load", None if cpu is None else cpu < CPU_TARGET_PCT,
         f"max {cpu}% (median {a.get('cpu_pct', {}).get('median')}%) over the rounds" if cpu is not None else "no reading")
@@ -618,7 +659,8 @@ def print_report(res: dict) -> None:
     p("")
     rounds = cfg["rounds"]
     head = f"{'mode':<36}" + "".join(f"{'r' + str(i + 1) + ' req/s':>10}" for i in range(rounds)) + \
-        f"{'median':>10}{'ratio':>8}{'cpu%':>7}{'peakMB':>7}{'hwmMB':>7}{'rssMB':>7}{'attach':>7}{'stop':>6}{'redis%':>7}"
+        f"{'median':>10}{'ratio':>8}{'cpu%':>7}{'peakMB':>7}{'hwmMB':>7}{'rssMB':>7}{'attach':>7}{'stop':>6}{'redis%':>7}" \
+        f"{'cap%':>6}"
     p(head)
     p("-" * len(head))
     for key, row in rows.items():
@@ -627,7 +669,8 @@ def print_report(res: dict) -> None:
         line += _stat(row, "cpu_pct", "max") + _stat(row, "maxrss_mb", "max", "{:.0f}") + \
             _stat(row, "hwm_window_mb", "max", "{:.0f}") + _stat(row, "rss_window_mb", "max", "{:.0f}") + \
             _stat(row, "attach_s", "max") + \
-            _stat(row, "stop_s", "max", "{:.1f}", 6) + _stat(row, "redis_cpu_pct", "median", "{:.0f}")
+            _stat(row, "stop_s", "max", "{:.1f}", 6) + _stat(row, "redis_cpu_pct", "median", "{:.0f}") + \
+            _stat(row, "capture_cpu_pct", "max", "{:.1f}", 6)
         p(line)
         for err in row["failed"]:
             p(f"    failed run: {err}")
@@ -635,7 +678,9 @@ def print_report(res: dict) -> None:
     p("cpu% = tracer's user+sys over the load window, % of one core; peakMB = peak RSS over the tracer's whole run")
     p("(wait4 ru_maxrss: never below the benchmark's own ~17 MB, carried across exec); hwmMB / rssMB = VmHWM / VmRSS")
     p("at the end of the load; attach = s from exec to attached; stop = s from SIGINT to exit (asbuilt: last drain,")
-    p("final scan, packages, write); all max over rounds; redis% = redis-server's CPU over the load (median)")
+    p("final scan, packages, write); all max over rounds; redis% = redis-server's CPU over the load (median);")
+    p(f"cap% = CPU of asbuilt's capture thread ({CAPTURE_THREAD}) over the load, max over rounds (its kernel-side")
+    p("cost, the packet taps in the traced server's own network path, shows in the throughput instead)")
     tests = list(rows.get("untraced", {}).get("per_test_median_rps", {}))
     if tests:
         p("")

@@ -84,6 +84,13 @@ def wait_peer(probe, pred, timeout=5.0):
     raise AssertionError(f"no matching peer; saw {list(found.values())}")
 
 
+def wait_until(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
 def free_port(kind=socket.SOCK_STREAM, address="127.0.0.1"):
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((address, 0))
@@ -110,13 +117,23 @@ def test_http_inbound_other_ports_unseen_set_ports_and_pcap(tmp_path):
             assert "secret" not in repr(peer.details)
             seen = probe.stats["packets_seen"]
             assert seen > 0
-            # new port appears: same socket, new filter
-            sock_before = probe.sniffer._sock
+            # the only port is identified: the socket closes, later requests are not copied to Python
+            wait_until(lambda: probe.mode == "closed")
+            assert probe.sniffer._sock is None and probe.sniffer.resolved == {("tcp", watched): "http"}
+            get(f"http://127.0.0.1:{watched}/after/close")
+            time.sleep(0.2)
+            assert probe.stats["packets_seen"] == seen
+            # a new port appears: the socket reopens for it alone
             probe.set_ports([("tcp", watched), ("tcp", other)], listening=[("tcp", watched), ("tcp", other)])
-            assert probe.sniffer._sock is sock_before
+            assert probe.mode == "full" and probe.sniffer.expression == f"tcp port {other}"
             get(f"http://127.0.0.1:{other}/now/watched")
             peer = wait_peer(probe, lambda p: p.local_port == other and p.protocol == "http")
             assert peer.details["path"] == "/now/watched"
+            wait_until(lambda: probe.mode == "closed")
+            assert probe.stats["socket_opens"] == 2 and probe.stats["socket_closes"] == 2
+            assert probe.stats["ports_identified"] == 2 and probe.stats["ports_open"] == 0
+            summary = probe.summary
+            assert "2 port(s) identified" in summary and f"tcp/{other} http" in summary, summary
             assert probe.lost_events == 0 and probe.error is None
             kept = probe.stats["packets_kept"]
     assert oct(pcap.stat().st_mode & 0o777) == "0o600"
@@ -351,7 +368,8 @@ def test_flood_drops_counted_and_memory_bounded():
     sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the traced server overflows too: fine
     sink.bind(("127.0.0.1", 0))
     port = sink.getsockname()[1]
-    limits = CaptureLimits(max_flows=64, packets_per_second=3000, rcvbuf_bytes=64 * 1024)
+    # narrow=False: an unrecognised flood would otherwise be given up as unknown-udp after a few flows
+    limits = CaptureLimits(max_flows=64, packets_per_second=3000, rcvbuf_bytes=64 * 1024, narrow=False)
     try:
         with capture([("udp", port)], listening=[("udp", port)], limits=limits) as probe:
             cpu0, wall0 = time.process_time(), time.monotonic()
@@ -374,3 +392,64 @@ def test_flood_drops_counted_and_memory_bounded():
             assert cpu < 0.5, f"capture used {cpu:.0%} of a core"
     finally:
         sink.close()
+
+
+def test_unknown_flood_given_up_then_only_dns_inbound():
+    """Flows no parser knows settle their port as unknown after a few; only UDP/53 stays, inbound-only."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()[1]
+    limits = CaptureLimits(unknown_flows_per_port=3)
+    try:
+        with capture([("udp", port), ("udp", 53)], listening=[("udp", port)], limits=limits) as probe:
+            assert probe.mode == "full"
+            out = subprocess.run([sys.executable, "-c", FLOOD, str(port), "1.0", "50"], capture_output=True,
+                                 text=True, timeout=30)
+            assert int(out.stdout) > 0
+            wait_until(lambda: probe.mode == "inbound")
+            assert probe.sniffer.resolved == {("udp", port): "unknown-udp"}
+            assert probe.sniffer.expression == "udp port 53"
+            assert probe.stats["ports_unknown"] == 1 and probe.stats["packets_seen"] < 1000
+            peer = wait_peer(probe, lambda p: p.local_port == port)
+            assert peer.protocol == "unknown-udp"
+            # DNS answers still arrive: they are inbound
+            seen = probe.stats["packets_seen"]
+            server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            server.bind(("127.0.0.78", 53))
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                qname = b"".join(bytes([len(l)]) + l for l in b"late.asbuilt.test".split(b".")) + b"\0"
+                query = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+                client.sendto(query, ("127.0.0.78", 53))
+                server.settimeout(5)
+                data, addr = server.recvfrom(512)
+                answer = struct.pack("!HHHHHH", 7, 0x8180, 1, 1, 0, 0) + data[12:] + \
+                    struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("10.199.0.10")
+                server.sendto(answer, addr)
+                wait_until(lambda: "late.asbuilt.test" in probe.sniffer._names)
+            finally:
+                server.close()
+                client.close()
+            assert probe.sniffer._names["late.asbuilt.test"][0].addresses == ["10.199.0.10"]
+            assert probe.stats["packets_seen"] - seen == 2  # loopback: query and answer, each once
+            assert probe.mode == "inbound" and probe.error is None
+    finally:
+        sink.close()
+
+
+def test_idle_port_leaves_full_tap_and_is_still_learned_on_loopback():
+    """A port with no traffic for full_tap_seconds moves to the inbound-only socket; loopback flows are
+    still seen whole there (each packet once), so it is identified and the socket then closes."""
+    limits = CaptureLimits(full_tap_seconds=0.3)
+    with http_server() as port:
+        with capture([("tcp", port)], listening=[("tcp", port)], limits=limits) as probe:
+            assert probe.mode == "full"
+            wait_until(lambda: probe.mode == "inbound")
+            assert probe.sniffer.expression == f"tcp port {port}"
+            get(f"http://127.0.0.1:{port}/late/1")
+            peer = wait_peer(probe, lambda p: p.protocol == "http" and "status" in p.details)
+            assert peer.local_port == port and peer.details["path"] == "/late/{id}"
+            wait_until(lambda: probe.mode == "closed")
+            assert probe.stats["full_tap_ms"] < 2000 and probe.stats["mode_changes"] >= 1
+            assert "inbound" in probe.summary and f"tcp/{port} http" in probe.summary
+            assert probe.error is None

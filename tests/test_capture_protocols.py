@@ -312,3 +312,49 @@ def test_flow_malformed_packets_counted(raw):
     assert s.stats["packets_seen"] == 1
     assert s.stats["packets_malformed"] + s.stats["packets_ignored"] == 1
     assert not s._flows
+
+
+# ------------------------------------------------------- a port leaves the filter once its protocol is known
+def udp(src, sport, dst, dport, payload):
+    from scapy.layers.inet import IP, UDP
+    return IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload
+
+
+DNS_ANSWER = bytes.fromhex("beef81800001000100000000") + b"\x02db\x04test\x00" + bytes.fromhex("00010001") + \
+    bytes.fromhex("c00c000100010000003c0004") + bytes([10, 0, 0, 9])
+
+
+def test_port_settled_when_identified_with_both_directions():
+    s = Sniffer(listening=[("tcp", 8080)])
+    s.ports = {("tcp", 8080), ("udp", 53)}
+    c, srv = "10.199.0.2", "10.199.0.1"
+    feed(s, tcp(c, 40000, srv, 8080, payload=b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+    assert s.resolved == {} and not s._dirty  # known, but the answer may add the status: keep watching
+    feed(s, tcp(srv, 8080, c, 40000, payload=b"HTTP/1.1 200 OK\r\n\r\n"))
+    assert s.resolved == {("tcp", 8080): "http"} and s._dirty
+    assert s.stats["ports_identified"] == 1 and s.timeline[-1][1] == "tcp/8080 http"
+    feed(s, udp("10.199.0.53", 53, c, 41000, DNS_ANSWER))  # DNS: names keep coming, never settled
+    assert ("udp", 53) not in s.resolved and "db.test" in s._names
+
+
+def test_port_given_up_after_unknown_flows_and_dns_settled_when_asked():
+    s = Sniffer(CaptureLimits(unknown_flows_per_port=3, keep_dns=False), listening=[("tcp", 9000)])
+    s.ports = {("tcp", 9000), ("udp", 53)}
+    for i in range(2):
+        feed(s, tcp("10.0.0.2", 30000 + i, "10.0.0.1", 9000, payload=b"\x01\x02\x03"),
+             tcp("10.0.0.1", 9000, "10.0.0.2", 30000 + i, payload=b"\x09\x08"))
+    assert s.resolved == {}
+    feed(s, tcp("10.0.0.2", 30009, "10.0.0.1", 9000, payload=b"\x01\x02\x03"),
+         tcp("10.0.0.1", 9000, "10.0.0.2", 30009, payload=b"\x09\x08"))
+    assert s.resolved == {("tcp", 9000): "unknown-tcp"} and s.stats["ports_unknown"] == 1
+    query = DNS_ANSWER[:2] + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + DNS_ANSWER[12:24]
+    feed(s, udp("10.0.0.2", 41000, "10.0.0.53", 53, query), udp("10.0.0.53", 53, "10.0.0.2", 41000, DNS_ANSWER))
+    assert s.resolved[("udp", 53)] == "dns"
+
+
+def test_watch_all_along_when_not_narrowing():
+    s = Sniffer(CaptureLimits(narrow=False), listening=[("tcp", 8080)])
+    s.ports = {("tcp", 8080)}
+    feed(s, tcp("10.0.0.2", 40000, "10.0.0.1", 8080, payload=b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
+         tcp("10.0.0.1", 8080, "10.0.0.2", 40000, payload=b"HTTP/1.1 200 OK\r\n\r\n"))
+    assert s.resolved == {} and not s._dirty

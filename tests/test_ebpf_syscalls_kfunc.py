@@ -12,7 +12,8 @@ from asbuilt.agent.errors import ProbeUnavailable
 from asbuilt.probes.base import Context
 from asbuilt.probes.ebpf.kfunc import (KfuncObservation, KfuncProbe, check_fentry, check_kprobes,
                                        parse_lockdown, programs)
-from asbuilt.probes.ebpf.syscalls import SyscallsProbe, parse_table, syscall_name, totals_by_pid
+from asbuilt.probes.ebpf.syscalls import (SyscallsProbe, parse_table, raw_tracepoint_supported, syscall_name,
+                                          totals_by_pid)
 
 
 # ------------------------------------------------------------------------------ pure
@@ -108,6 +109,113 @@ def test_live_syscall_counts(tmp_path):
     again = totals_by_pid(second).get(worker.pid, {})
     assert again.get("write", 0) == 0 and again.get("exit_group", 0) == 1
     assert probe.lost_events == 0
+
+
+HOT_WORKER = textwrap.dedent("""
+    import os, sys, time
+    go, out, seconds, child_writes = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    deadline = time.time() + 20
+    while not os.path.exists(go) and time.time() < deadline:
+        time.sleep(0.01)
+    fd = os.open("/dev/null", os.O_WRONLY)
+    os.uname()  # rare syscalls, each once: must stay in the set
+    os.getcwd()
+    n, end = 0, time.time() + seconds
+    while time.time() < end:  # write becomes hot within a drain or two
+        for _ in range(1000):
+            os.write(fd, b"x")
+        n += 1000
+    pid = os.fork()
+    if pid == 0:  # a new process whose first write comes after write is hot
+        for _ in range(child_writes):
+            os.write(fd, b"y")
+        os.sched_yield()  # not hot: counted exactly
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with open(out, "w") as fh:
+        fh.write(str(n))
+    time.sleep(0.8)
+""")
+
+
+def _hot_run(tmp_path, exact, seconds=2.0, child_writes=20000):
+    go, out = tmp_path / "go", tmp_path / "count"
+    worker = subprocess.Popen([sys.executable, "-c", HOT_WORKER, str(go), str(out), str(seconds), str(child_writes)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = SyscallsProbe(exact=exact)
+    observations = []
+    try:
+        probe.start(Context(), [worker.pid], follow_children=True)
+        go.write_text("")
+        end = time.monotonic() + 30
+        while worker.poll() is None and time.monotonic() < end:
+            time.sleep(0.5)  # as asbuilt trace drains
+            observations += probe.drain()
+        observations += probe.stop()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(timeout=10)
+    return worker, int(out.read_text()), probe, observations
+
+
+def test_raw_tracepoint_detected_here():
+    # kernel 6.18: BPF_PROG_TYPE_RAW_TRACEPOINT loads and opens on sys_enter
+    assert raw_tracepoint_supported("sys_enter") is True
+    assert raw_tracepoint_supported("no_such_tracepoint_asbuilt") is False
+
+
+def test_live_hot_syscall_sampled_set_complete(tmp_path):
+    worker, writes, probe, observations = _hot_run(tmp_path, exact=False)
+    assert probe.mode == "raw_tracepoint+sampled"
+    totals = totals_by_pid(observations)
+    mine = totals[worker.pid]
+    write_nr = next(o.nr for o in observations if o.name == "write")
+    assert write_nr in probe.ever_hot and "write" in probe.note()
+    assert any(o.sampled and o.name == "write" for o in observations)
+    # the set: rare syscalls made once before and after write went hot are all there
+    for name in ("uname", "getcwd", "openat", "wait4", "exit_group"):
+        assert mine.get(name, 0) >= 1, name
+    assert mine.get("clone", 0) + mine.get("clone3", 0) >= 1
+    # counts of the hot syscall: an estimate, close to the exact count the worker kept
+    assert writes > 50000
+    assert 0.8 * writes <= mine["write"] <= 1.25 * writes + 2000, (mine["write"], writes)
+    # the child's first write came after write was hot: seen, in the right order of magnitude
+    children = [pid for pid in totals if pid != worker.pid]
+    assert len(children) == 1
+    theirs = totals[children[0]]
+    assert 20000 / 3 <= theirs.get("write", 0) <= 20000 * 3, theirs
+    assert theirs.get("sched_yield") == 1 and theirs.get("exit_group") == 1
+    assert probe.lost_events == 0
+
+
+def test_live_exact_mode_counts_every_call(tmp_path):
+    worker, writes, probe, observations = _hot_run(tmp_path, exact=True, seconds=1.0, child_writes=3000)
+    assert probe.mode == "raw_tracepoint" and not probe.ever_hot
+    assert not any(o.sampled for o in observations)
+    totals = totals_by_pid(observations)
+    # exact: the worker's loop writes, and one more: the file it reports the count in
+    assert totals[worker.pid]["write"] == writes + 1
+    child = [pid for pid in totals if pid != worker.pid][0]
+    assert totals[child]["write"] == 3000
+    assert "every call counted" in probe.note()
+
+
+def test_live_tracepoint_form_still_works(tmp_path):
+    go = tmp_path / "go"
+    worker = _spawn(go, 300, 0.3)
+    probe = SyscallsProbe(attach="tracepoint")
+    try:
+        probe.start(Context(), [worker.pid], follow_children=False)
+        go.write_text("")
+        worker.wait(timeout=20)
+        observations = probe.stop()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(timeout=10)
+    assert probe.mode == "tracepoint+sampled"
+    assert 300 <= totals_by_pid(observations)[worker.pid]["write"] < 500
 
 
 # ------------------------------------------------------------------------------ kfunc, for real

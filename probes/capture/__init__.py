@@ -1,7 +1,9 @@
 """The port-capture probe: which application protocol a process speaks, and to whom.
 
 Streaming probe over :class:`sniffer.Sniffer` (AF_PACKET, a libpcap-compiled kernel filter built
-from the process's own ports, first packets of each flow only, bounded memory) and
+from the process's own ports, first packets of each flow only, bounded memory; a port leaves the
+filter once its protocol is known, the socket turns inbound-only when nothing but DNS is left and
+closes when nothing is) and
 :mod:`protocols` (identification from the first payload bytes). Volumes are not reported: packet
 and byte counts per peer come from the kernel's socket counters, not from what was captured.
 """
@@ -20,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class CaptureProbe(Probe):
-    """``start(ctx, ports, pcap_path=None, listening=None)``, ``set_ports(ports)``, ``drain()``, ``stop()``."""
+    """``start(ctx, ports, pcap_path=None, listening=None)``, ``set_ports(ports)``, ``drain()``, ``stop()``;
+    ``rearm()`` to learn identified ports again, ``summary`` for coverage."""
 
     name = "capture"
     description = "application protocol per peer (HTTP, TLS SNI, PostgreSQL, Redis, DNS …) from the " \
@@ -63,6 +66,21 @@ class CaptureProbe(Probe):
             from .sniffer import normalise_ports
             self.sniffer.listening = normalise_ports(listening)
         self.sniffer.set_ports(ports)
+
+    def rearm(self, ports: Optional[Iterable[Port]] = None) -> None:
+        """Watch ``ports`` (all when None) again although their protocol is known, e.g. on a daemon rescan."""
+        if self.sniffer is not None:
+            self.sniffer.rearm(ports)
+
+    @property
+    def mode(self) -> str:
+        """``full`` (both directions), ``inbound`` (DNS, ports idle past ``full_tap_seconds``) or ``closed``."""
+        return self.sniffer.mode if self.sniffer is not None else "closed"
+
+    @property
+    def summary(self) -> str:
+        """What was identified and when the socket narrowed or closed: the coverage line's reason."""
+        return self.sniffer.summary() if self.sniffer is not None else ""
 
     def drain(self) -> CaptureObservations:
         """Peers and DNS names new or changed since the previous drain."""

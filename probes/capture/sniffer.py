@@ -10,8 +10,26 @@ libpcap through scapy (``scapy.arch.common.compile_filter(expr, linktype=DLT_RAW
 * prefixed with four instructions that drop loopback's ``PACKET_OUTGOING`` copy (every loopback
   packet is seen twice otherwise; libpcap does the same in userspace),
 * its accept value patched to the snap length, so only the first ``snaplen`` bytes are copied,
-* attached with ``SO_ATTACH_FILTER``; :meth:`Sniffer.set_ports` attaches a new program to the same
-  socket (the kernel swaps filters atomically), and no ports means a drop-everything filter.
+* attached with ``SO_ATTACH_FILTER``; a new program replaces the old one atomically.
+
+Out of the way once the evidence is in. Each watched port is a *target* until the protocol on it is
+known: a flow on it identified with both directions seen, or ``unknown_flows_per_port`` flows judged
+without a known protocol (their fingerprints are kept as ``unknown-tcp/udp``). Identified targets leave
+the filter, so their later traffic is not copied to Python any more, and the socket's *mode* follows
+what is left: ``full`` (``ETH_P_ALL``, every interface, both directions) while a port other than DNS
+is open and was added less than ``full_tap_seconds`` ago; ``inbound`` (the same socket with
+``PACKET_IGNORE_OUTGOING``) for UDP/53, since DNS answers arrive inbound and carry their question, and
+for ports still unknown after ``full_tap_seconds`` (an idle port must not keep the costly tap open:
+loopback traffic is still seen whole, a NIC's only in the direction towards this host); ``closed``
+when nothing is left.
+Why: an ``ETH_P_ALL`` tap makes the kernel ``skb_clone()`` every transmitted packet of the host in
+``dev_queue_xmit_nit`` *before* the socket filter runs (about 0.5 µs a packet here, ~3 % of a loopback
+redis); with ``PACKET_IGNORE_OUTGOING`` the transmit path skips the socket and only the receive path
+runs the filter, which costs a fraction of that and sees every loopback packet once. A port that
+:meth:`Sniffer.set_ports` adds later (the trace learns new listeners and peers) reopens the full tap
+for just that port; :meth:`Sniffer.rearm` forgets what was identified (for a long-running daemon).
+Without ``PACKET_IGNORE_OUTGOING`` (kernels before 4.20) the DNS-only socket stays a full tap.
+``stats`` and :attr:`Sniffer.timeline` say what was identified when, and when the socket changed mode.
 
 So unrelated traffic never reaches Python. We do not use scapy's ``L2ListenSocket``/``sniff``: they
 build a scapy object per packet, far too slow for a server under load; headers are parsed here with
@@ -47,7 +65,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from ...agent.errors import ProbeUnavailable, WriteError, from_oserror
+from ...agent.errors import AsbuiltError, ProbeUnavailable, WriteError, from_oserror
 from . import protocols
 
 log = logging.getLogger(__name__)
@@ -60,9 +78,13 @@ BPF_MAXINSNS = 4096
 SKF_AD_OFF = -0x1000
 SKF_AD_PKTTYPE, SKF_AD_IFINDEX = 4, 8
 PACKET_OUTGOING = 4
+PACKET_IGNORE_OUTGOING = 23  # Linux 4.20+
 LINKTYPE_RAW = 101  # pcap file link type for raw IPv4/IPv6 packets
 MAX_PORTS = 512
 PROTO_TCP, PROTO_UDP = 6, 17
+DNS_PORTS = frozenset({("udp", 53), ("udp", 5353), ("udp", 5355)})  # watched all along: names keep coming
+MAX_TIMELINE = 32
+MAX_RESOLVED = 4 * 512  # identified ports remembered, those still watched first
 _IPV6_EXT = (0, 43, 60, 51)  # hop-by-hop, routing, destination options, AH (fragment handled apart)
 
 Port = Tuple[str, int]  # ("tcp", 5432)
@@ -81,6 +103,10 @@ class CaptureLimits:
     snaplen: int = 2048  # bytes of each packet copied by the kernel
     rcvbuf_bytes: int = 1 << 20  # socket receive buffer: what queues while paused
     max_buffered_bytes: int = 4 << 20  # payload held across all unfinished flows
+    narrow: bool = True  # drop a port from the filter once its protocol is known (False: watch all along)
+    unknown_flows_per_port: int = 4  # flows judged without a known protocol before a port is given up
+    full_tap_seconds: float = 15.0  # then a port still unknown is watched on the inbound-only socket
+    keep_dns: bool = True  # UDP/53 (5353, 5355) watched all along (False: settled like any port)
 
 
 @dataclass
@@ -211,9 +237,10 @@ def read_packet_statistics(sock: socket.socket) -> Tuple[int, int]:
 
 # -------------------------------------------------------------------------------------- flows
 class _Flow:
-    __slots__ = ("client", "server_port", "peer_key", "kept", "data", "done", "proto")
+    __slots__ = ("client", "server_port", "peer_key", "kept", "data", "done", "proto", "target", "judged")
 
-    def __init__(self, proto: str, client: Tuple[bytes, int], server_port: int, peer_key: tuple):
+    def __init__(self, proto: str, client: Tuple[bytes, int], server_port: int, peer_key: tuple,
+                 target: Optional[Port] = None):
         self.proto = proto
         self.client = client
         self.server_port = server_port
@@ -221,6 +248,8 @@ class _Flow:
         self.kept = [0, 0]  # payload packets kept: client→server, server→client
         self.data: Optional[List[bytearray]] = [bytearray(), bytearray()]
         self.done = False
+        self.target = target  # the watched port this flow is evidence for
+        self.judged = False  # already counted towards its target's verdict
 
 
 @dataclass
@@ -229,8 +258,19 @@ class _Peer:
     changed: bool = True
 
 
+def _name_thread(name: bytes) -> None:
+    """The kernel's name of the calling thread (``/proc/PID/task/TID/comm``), so its CPU can be measured."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 class Sniffer:
     """The capture loop: ``start(ports)``, ``set_ports(ports)``, ``drain()``, ``stop()`` (prompt)."""
+
+    THREAD_NAME = "asbuilt-capture"
 
     def __init__(self, limits: Optional[CaptureLimits] = None, listening: Optional[Iterable[Port]] = None,
                  pcap_path: Optional[str] = None):
@@ -239,15 +279,25 @@ class Sniffer:
         self.pcap_path = pcap_path
         self.ports: Set[Port] = set()
         self.expression = ""
+        self.mode = "closed"  # full, inbound, closed: see the module docstring
         self.stats = {"packets_seen": 0, "packets_kept": 0, "packets_ignored": 0, "packets_malformed": 0,
                       "payload_bytes_dropped": 0, "flows": 0, "flows_evicted": 0, "peers_dropped": 0,
                       "names_dropped": 0,
                       "budget_pauses": 0, "budget_drops": 0, "kernel_drops": 0, "kernel_packets": 0,
-                      "filter_instructions": 0}
+                      "filter_instructions": 0,
+                      "ports_identified": 0, "ports_unknown": 0, "ports_open": 0,
+                      "socket_opens": 0, "socket_closes": 0, "mode_changes": 0, "full_tap_ms": 0}
+        self.resolved: Dict[Port, str] = {}  # port -> protocol learned ("unknown-tcp" when given up)
+        self.timeline: "collections.deque[Tuple[float, str]]" = collections.deque(maxlen=MAX_TIMELINE)
+        self._unknown_flows: Dict[Port, int] = {}
+        self._since: Dict[Port, float] = {}  # when each watched port was added (monotonic)
+        self._deadline: Optional[float] = None  # when the next port leaves the full tap
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # flow/peer/name tables and stats
+        self._sock_lock = threading.RLock()  # the socket: opened, re-filtered, read and closed under it
         self._flows: "collections.OrderedDict[tuple, _Flow]" = collections.OrderedDict()
         self._peers: Dict[tuple, _Peer] = {}
         self._names: Dict[str, Tuple[NameObservation, bool]] = {}
@@ -255,10 +305,82 @@ class Sniffer:
         self._buffered = 0  # payload bytes held by unfinished flows
         self._lo_index = 0
         self._error: Optional[str] = None
+        self._dirty = False  # a port was resolved: the filter should narrow
+        self._t0 = time.monotonic()
+        self._full_since: Optional[float] = None
+        self._ignore_outgoing_ok = True
+        self._permanent = DNS_PORTS if self.limits.keep_dns else frozenset()
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self, ports: Iterable[Port]) -> None:
         """Open the socket, attach the filter, start the capture thread. Raises ProbeUnavailable/WriteError."""
+        self._t0 = time.monotonic()
+        try:
+            self._lo_index = socket.if_nametoindex("lo")
+        except OSError:
+            self._lo_index = 0
+        with self._sock_lock:
+            self._open_socket()  # even with nothing to watch yet: says now whether AF_PACKET works here
+            try:
+                self.set_ports(ports)
+                if self.pcap_path:
+                    self._pcap = _open_pcap(self.pcap_path)
+            except BaseException:
+                self._close_socket(account=False)
+                raise
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def set_ports(self, ports: Iterable[Port]) -> None:
+        """Watch ``ports`` from now on; those already identified stay out of the filter. Raises ValueError."""
+        wanted = normalise_ports(ports)
+        if len(wanted) > MAX_PORTS:
+            raise ValueError(f"{len(wanted)} ports: at most {MAX_PORTS} can be filtered")
+        now = time.monotonic()
+        with self._lock:
+            self.ports = wanted
+            for port in wanted:
+                self._since.setdefault(port, now)
+            for port in [p for p in self._since if p not in wanted]:
+                del self._since[port]
+            if len(self.resolved) > MAX_RESOLVED:  # bounded: forget ports no longer watched
+                for port in [p for p in self.resolved if p not in wanted]:
+                    del self.resolved[port]
+                    self._unknown_flows.pop(port, None)
+        self._apply()
+
+    def rearm(self, ports: Optional[Iterable[Port]] = None) -> None:
+        """Forget what was identified on ``ports`` (all when None): they are watched again until known."""
+        with self._lock:
+            forget = set(self.resolved) if ports is None else normalise_ports(ports)
+            now = time.monotonic()
+            for port in forget:
+                self.resolved.pop(port, None)
+                self._unknown_flows.pop(port, None)
+                if port in self._since:
+                    self._since[port] = now
+            self._note(f"rearmed {len(forget)} port(s)")
+        self._apply()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+        with self._sock_lock:
+            self._close_socket(account=True, why="")
+        if self._pcap is not None:
+            try:
+                self._pcap.close()
+            except OSError as err:
+                log.warning("probe=capture pcap close failed: %s", err)
+            self._pcap = None
+
+    # ------------------------------------------------------------------------ socket and filter
+    def _open_socket(self) -> None:
+        """A fresh ETH_P_ALL socket that has queued nothing yet (drop-all filter until _apply). Sock lock held."""
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         except OSError as err:
@@ -269,57 +391,115 @@ class Sniffer:
             sock.setblocking(False)
             self._drain_socket(sock)
             read_packet_statistics(sock)  # reset the counters
-            try:
-                self._lo_index = socket.if_nametoindex("lo")
-            except OSError:
-                self._lo_index = 0
-            self._sock = sock
-            self.set_ports(ports)
-            if self.pcap_path:
-                self._pcap = _open_pcap(self.pcap_path)
-        except BaseException:
-            self._sock = None
+        except OSError as err:
             sock.close()
-            raise
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="asbuilt-capture", daemon=True)
-        self._thread.start()
+            raise from_oserror(err, "capture socket") from err
+        self._sock, self.mode = sock, "open"
+        self.stats["socket_opens"] += 1
 
-    def set_ports(self, ports: Iterable[Port]) -> None:
-        """Watch exactly ``ports`` from now on: a new filter on the same socket. Raises ValueError."""
-        wanted = normalise_ports(ports)
-        if len(wanted) > MAX_PORTS:
-            raise ValueError(f"{len(wanted)} ports: at most {MAX_PORTS} can be filtered")
-        expression = filter_expression(wanted)
-        insns = compile_program(expression, self.limits.snaplen, self._lo_index)
-        if self._sock is not None:
-            try:
-                attach_program(self._sock, insns)
-            except OSError as err:
-                raise from_oserror(err, "attach capture filter") from err
-        with self._lock:
-            self.ports, self.expression = wanted, expression
-            self.stats["filter_instructions"] = len(insns)
-        log.debug("probe=capture ports=%d filter=%r", len(wanted), expression)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-        if self._sock is not None:
+    def _close_socket(self, account: bool = True, why: str = "closed") -> None:
+        """Sock lock held."""
+        sock = self._sock
+        if sock is None:
+            return
+        if account:
             try:
                 self._account_drops(paused=False)
             except OSError:
                 pass
-            self._sock.close()
-            self._sock = None
-        if self._pcap is not None:
+        self._leave_full()
+        self._sock = None
+        sock.close()
+        self.stats["socket_closes"] += 1
+        if why:
+            self._note(f"socket {why}")
+        self.mode = "closed"
+
+    def _leave_full(self) -> None:
+        if self._full_since is not None:
+            self.stats["full_tap_ms"] += int((time.monotonic() - self._full_since) * 1000)
+            self._full_since = None
+
+    def _apply(self) -> None:
+        """Fit the socket to the ports still open: full tap while a port is new and unknown, inbound-only
+        for DNS and for ports past ``full_tap_seconds``, closed when nothing is left. Raises ValueError."""
+        with self._sock_lock:
+            now = time.monotonic()
+            with self._lock:
+                self._dirty = False
+                ports = set(self.ports)
+                active = ports - set(self.resolved) if self.limits.narrow else ports
+                self.stats["ports_open"] = len(active)
+                ends = [self._since.get(p, now) + self.limits.full_tap_seconds for p in active - self._permanent]
+            if self.limits.narrow:
+                ends = [t for t in ends if t > now]
+            self._deadline = min(ends) if ends and self.limits.narrow else None
+            mode = "full" if ends else ("inbound" if active else "closed")
+            if not self.limits.narrow and active - self._permanent:
+                mode = "full"
+            expression = filter_expression(active)
+            if mode == self.mode and expression == self.expression:
+                return
+            if mode == "closed":
+                self._close_socket(why="closed: every watched port identified" if ports else "closed: no ports")
+                self.expression = ""
+                self.stats["filter_instructions"] = 0
+                return
+            insns = compile_program(expression, self.limits.snaplen, self._lo_index)
+            reopened = self._sock is None
+            if reopened:
+                self._open_socket()
+            assert self._sock is not None
             try:
-                self._pcap.close()
+                attach_program(self._sock, insns)
+                if mode == "inbound" and not self._ignore_outgoing_ok:
+                    mode = "full"
+                elif self.mode in ("inbound", "full") or mode == "inbound":
+                    try:
+                        self._sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1 if mode == "inbound" else 0)
+                    except OSError:  # before Linux 4.20: the DNS-only socket stays a full tap
+                        self._ignore_outgoing_ok = False
+                        mode = "full"
             except OSError as err:
-                log.warning("probe=capture pcap close failed: %s", err)
-            self._pcap = None
+                raise from_oserror(err, "attach capture filter") from err
+            if mode != self.mode:
+                if mode == "full" and self._full_since is None:
+                    self._full_since = time.monotonic()
+                elif mode != "full":
+                    self._leave_full()
+                if self.mode in ("inbound", "full"):
+                    self.stats["mode_changes"] += 1
+                self._note(f"socket {'reopened, ' if reopened and self.stats['socket_opens'] > 1 else ''}"
+                           f"{mode}: {expression}")
+            self.mode, self.expression = mode, expression
+            with self._lock:
+                self.stats["filter_instructions"] = len(insns)
+        self._wake.set()
+        log.debug("probe=capture mode=%s ports=%d filter=%r", mode, len(active), expression)
+
+    def _note(self, what: str) -> None:
+        self.timeline.append((round(time.monotonic() - self._t0, 3), what))  # a deque: the latest kept
+
+    def _resolve(self, port: Port, protocol: str) -> None:
+        """``port`` needs no more evidence (lock held): the loop narrows the filter after this batch."""
+        if port in self.resolved:
+            return
+        self.resolved[port] = protocol
+        self.stats["ports_unknown" if protocol.startswith("unknown") else "ports_identified"] += 1
+        self._note(f"{port[0]}/{port[1]} {protocol}")
+        self._dirty = True
+
+    def summary(self) -> str:
+        """One line for coverage: what was identified when, when the socket changed mode, what was kept."""
+        with self._lock:
+            events = "; ".join(f"+{t:.2f}s {what}" for t, what in list(self.timeline)[-12:])
+            st = dict(self.stats)
+            mode = self.mode
+        full = st["full_tap_ms"] + (int((time.monotonic() - self._full_since) * 1000) if self._full_since else 0)
+        return (f"{st['ports_identified']} port(s) identified, {st['ports_unknown']} unknown, "
+                f"{st['ports_open']} still watched (socket {mode}); full tap open {full / 1000:.2f}s; "
+                f"{st['packets_kept']} packets kept of {st['packets_seen']} read, "
+                f"{st['kernel_drops'] + st['budget_drops']} dropped" + (f"; {events}" if events else ""))
 
     @property
     def running(self) -> bool:
@@ -364,23 +544,24 @@ class Sniffer:
                 return
 
     def _account_drops(self, paused: bool) -> None:
-        assert self._sock is not None
-        packets, drops = read_packet_statistics(self._sock)
+        with self._sock_lock:
+            if self._sock is None:
+                return
+            packets, drops = read_packet_statistics(self._sock)
         with self._lock:
             self.stats["kernel_packets"] += packets
             self.stats["budget_drops" if paused else "kernel_drops"] += drops
 
     def _run(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        _name_thread(self.THREAD_NAME.encode())
         snaplen = self.limits.snaplen
         buf = bytearray(snaplen)
         budget = self.limits.packets_per_second
         window_end = time.monotonic() + 1.0
         used = 0
         last_stats = time.monotonic()
+        polled: Optional[socket.socket] = None
+        poller = select.poll()
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -395,17 +576,36 @@ class Sniffer:
                     self._stop.wait(max(0.0, window_end - time.monotonic()))
                     self._account_drops(paused=True)
                     continue
-                if not poller.poll(200):
+                sock = self._sock
+                if sock is None:  # every port identified: sleep until set_ports/rearm opens it again
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                if sock is not polled:
+                    poller = select.poll()
+                    poller.register(sock.fileno(), select.POLLIN)
+                    polled = sock
+                if self._deadline is not None and now >= self._deadline:
+                    self._dirty = True
+                if not self._dirty and not poller.poll(200):
                     continue
                 wall = time.time()
-                with self._lock:
-                    for _ in range(min(256, budget - used)):
-                        try:
-                            n = sock.recv_into(buf, snaplen)
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        used += 1
-                        self._packet(buf, n, wall)
+                with self._sock_lock:
+                    if self._sock is not sock:  # closed or replaced meanwhile
+                        continue
+                    with self._lock:
+                        for _ in range(min(256, budget - used)):
+                            try:
+                                n = sock.recv_into(buf, snaplen)
+                            except (BlockingIOError, InterruptedError):
+                                break
+                            used += 1
+                            self._packet(buf, n, wall)
+                if self._dirty or (self._deadline is not None and time.monotonic() >= self._deadline):
+                    try:
+                        self._apply()
+                    except (ValueError, AsbuiltError) as err:  # keep capturing with the wider filter
+                        log.warning("probe=capture narrowing failed reason=%s", err)
         except OSError as err:
             self._error = str(from_oserror(err, "capture socket"))
             log.warning("probe=capture status=error reason=%s", self._error)
@@ -492,10 +692,32 @@ class Sniffer:
         stats["packets_kept"] += 1
         if self._pcap is not None:
             self._write_pcap(bytes(buf[:n]), wall)
-        settled = self._identify(flow, wall)
-        if (settled and flow.kept[0] and flow.kept[1]) or \
-                (flow.kept[0] >= self.limits.packets_per_flow and flow.kept[1] >= self.limits.packets_per_flow):
+        got = self._identify(flow, wall)
+        settled = got is not None and got.settled
+        per_flow = self.limits.packets_per_flow
+        if (settled and flow.kept[0] and flow.kept[1]) or (flow.kept[0] >= per_flow and flow.kept[1] >= per_flow):
             self._finish(flow)  # evidence complete: the payload is dropped
+        if flow.target is not None and not flow.judged:
+            self._judge(flow, got)
+
+    def _judge(self, flow: _Flow, got: Optional[protocols.Identification]) -> None:
+        """Does this flow settle its port: known with both directions seen, or one more unknown verdict."""
+        target = flow.target
+        assert target is not None
+        if target in self.resolved or target in self._permanent or not self.limits.narrow:
+            flow.judged = True
+            return
+        if got is not None and got.known:
+            if flow.done:
+                flow.judged = True
+                self._resolve(target, got.protocol)
+            return
+        if flow.done or (flow.kept[0] and flow.kept[1]) or max(flow.kept) >= self.limits.packets_per_flow:
+            flow.judged = True  # an exchange (or a one-way burst) that no parser recognises
+            count = self._unknown_flows.get(target, 0) + 1
+            self._unknown_flows[target] = count
+            if count >= max(1, self.limits.unknown_flows_per_port):
+                self._resolve(target, got.protocol if got is not None and got.protocol else f"unknown-{target[0]}")
 
     def _finish(self, flow: _Flow) -> None:
         if flow.data is not None:
@@ -533,7 +755,9 @@ class Sniffer:
         peer = self._peers[peer_key]
         peer.obs.flows += 1
         peer.obs.last_seen = wall
-        flow = _Flow(proto, client, server[1], peer_key)
+        target = (proto, server[1]) if (proto, server[1]) in ports else (
+            (proto, client[1]) if (proto, client[1]) in ports else None)
+        flow = _Flow(proto, client, server[1], peer_key, target)
         self._flows[key] = flow
         self.stats["flows"] += 1
         if len(self._flows) > self.limits.max_flows:
@@ -542,12 +766,12 @@ class Sniffer:
             self.stats["flows_evicted"] += 1
         return flow
 
-    def _identify(self, flow: _Flow, wall: float) -> bool:
-        """Update the flow's peer from its evidence so far; True when the flow needs no more packets."""
+    def _identify(self, flow: _Flow, wall: float) -> Optional[protocols.Identification]:
+        """Update the flow's peer from its evidence so far; what was identified (``settled``: no more needed)."""
         assert flow.data is not None
         got = protocols.identify(flow.proto, bytes(flow.data[0]), bytes(flow.data[1]), flow.server_port)
         if not got.protocol:
-            return False
+            return None
         entry = self._peers.get(flow.peer_key)
         if entry is not None:
             obs = entry.obs
@@ -562,7 +786,7 @@ class Sniffer:
                 entry.changed = True
         for rec in got.dns:
             self._add_name(rec, wall)
-        return got.settled
+        return got
 
     def _add_name(self, rec: protocols.DnsRecord, wall: float) -> None:
         current = self._names.get(rec.name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import platform
@@ -327,6 +328,13 @@ STT_FUNC, STT_GNU_IFUNC = 2, 10
 def elf_symbol_offset(path: str, symbol: str) -> int:
     """The file offset of function ``symbol`` in the ELF64 little-endian ``path`` (what a uprobe
     needs), from ``.dynsym`` then ``.symtab``; LookupError when absent, ValueError when not ELF64."""
+    st = os.stat(path)
+    return _cached_offset(path, st.st_dev, st.st_ino, st.st_mtime_ns, symbol)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_offset(path: str, dev: int, ino: int, mtime_ns: int, symbol: str) -> int:
+    """One read and parse per (file version, symbol): a uprobe and its uretprobe, every library."""
     with open(path, "rb") as fh:
         data = fh.read()
     return _symbol_offset(data, symbol)

@@ -1,18 +1,42 @@
-"""Syscall counts of the traced tree (``raw_syscalls:sys_enter``), per process and syscall.
+"""Syscall counts of the traced tree (``sys_enter``), per process and syscall.
 
-The kernel side is ``syscalls.bpf.c``: one hash lookup (is the caller traced?) for every
-syscall on the host, and for a traced caller one per-CPU counter increment. ``drain()`` reads
-the cumulative counters and returns what was added since the last drain; entries of processes
-that have left the traced set are deleted after their last read. Numbers are named from the
-Linux syscall tables of x86_64 (``arch/x86/entry/syscalls/syscall_64.tbl``) and aarch64
+The kernel side is ``syscalls.bpf.c``, attached as a raw tracepoint (``BPF_PROG_TYPE_RAW_TRACEPOINT``)
+where a two-instruction test program loads and opens on ``sys_enter`` (:func:`raw_tracepoint_supported`,
+as ``bpftool feature probe`` does), else as the perf-event tracepoint ``raw_syscalls:sys_enter``
+(which also prepares a perf record of every syscall on the host: the costlier form).
+
+**Hot syscalls are sampled** (unless ``exact=True``). Every syscall on the host pays for the program,
+and a busy server makes a few syscalls (read, write, epoll_wait) tens of thousands of times a second.
+Once a drain has counted a syscall nr above ``hot_rate`` calls/s over all traced processes, the nr is
+marked hot in the ``syscall_hot`` array, which the program checks first (an inlined array load,
+cheaper than the ``traced`` hash lookup): a call of a hot nr goes on to be counted only one time in
+``sample_one_in`` (``bpf_get_prandom_u32``), under a key flagged "sampled", and userspace multiplies
+exactly those counts (observations with ``sampled=True``). Random sampling is unbiased at any time
+scale (time slices were tried first: a burst made a syscall hot and its rate was carried into the
+quiet that followed, 6x too many setsockopt; the tail of a load went uncounted) and leaves no window
+in which a hot syscall is not seen at all. A nr whose estimated rate falls under ``hot_rate / 4`` is
+counted exactly again. The SET stays complete for what was seen: a nr is only made hot after it has
+been counted, and every other syscall is always counted. The gap: a traced process that first uses
+an already-hot syscall is seen once one of its calls is sampled — after ``sample_one_in`` calls on
+average, with probability 1 - (1 - 1/N)^k after k calls (99% after ~300 for N = 64), so a process
+that makes a hot syscall only a handful of times may lack it. A seccomp profile built from the union
+of the trace's processes is unaffected (the nr is in another process's set); :meth:`SyscallsProbe.note`
+says which syscalls were sampled, for the coverage section. ``exact=True`` counts every call.
+
+``drain()`` reads the cumulative counters and returns what was added since the last drain; entries
+of processes that have left the traced set are deleted after their last read. Numbers are named from
+the Linux syscall tables of x86_64 (``arch/x86/entry/syscalls/syscall_64.tbl``) and aarch64
 (``include/uapi/asm-generic/unistd.h``), through 6.15.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import struct
+import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from ..base import Context
 from .tracer import StreamingProbe
@@ -163,54 +187,203 @@ class SyscallObservation:
     pid: int
     name: str
     nr: int
-    count: int  # calls since the previous drain
+    count: int  # calls since the previous drain (an estimate when ``sampled``)
+    sampled: bool = False  # a hot syscall: counted in sample slices, scaled in between
+
+
+# ------------------------------------------------------------------ raw tracepoint detection
+BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 5, 17
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+_RETURN_0 = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0,  # r0 = 0
+                   0x95, 0, 0, 0, 0, 0, 0, 0])  # exit
+_RAW_TP: Dict[str, bool] = {}
+
+
+def raw_tracepoint_supported(event: str = "sys_enter") -> bool:
+    """Whether a BPF_PROG_TYPE_RAW_TRACEPOINT program loads and opens on ``event`` (4.17+).
+
+    Loads ``r0 = 0; exit``, opens it on the raw tracepoint and closes both at once (the way
+    ``bpftool feature probe`` and libbpf's ``libbpf_probe_bpf_prog_type`` test a program type).
+    The answer is cached for the process.
+    """
+    if event in _RAW_TP:
+        return _RAW_TP[event]
+    from . import bpfsys
+
+    ok = False
+    insns = ctypes.create_string_buffer(_RETURN_0, len(_RETURN_0))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_RAW_TRACEPOINT, 2,
+                     ctypes.addressof(insns), ctypes.addressof(license_))
+    prog = -1
+    try:
+        prog = bpfsys.bpf(BPF_PROG_LOAD, attr)
+        name = ctypes.create_string_buffer(event.encode())
+        open_attr = ctypes.create_string_buffer(16)
+        struct.pack_into("<QI", open_attr, 0, ctypes.addressof(name), prog)
+        os.close(bpfsys.bpf(BPF_RAW_TRACEPOINT_OPEN, open_attr))
+        ok = True
+    except OSError:
+        ok = False
+    finally:
+        if prog >= 0:
+            os.close(prog)
+    _RAW_TP[event] = ok
+    return ok
 
 
 class _Key(ctypes.Structure):  # struct sc_key
     _fields_ = [("tgid", ctypes.c_uint32), ("nr", ctypes.c_uint32)]
 
 
+HOT_RATE = 1000.0  # calls/s over all traced processes above which a syscall is hot
+SAMPLE_ONE_IN = 64  # a hot syscall is counted one call in this many (a power of two)
+NR_MAX = 1024  # syscall numbers below this can be hot (x86_64 and aarch64 end below 470)
+SAMPLED_BIT = 0x80000000  # in sc_key.nr: a sampled count
+
+
 class SyscallsProbe(StreamingProbe):
-    """Per-process syscall counts, aggregated in the kernel."""
+    """Per-process syscall counts, aggregated in the kernel; hot syscalls sampled unless ``exact``.
+
+    ``attach``: "auto" (raw tracepoint where the kernel has it), "raw_tracepoint" or "tracepoint".
+    After start, ``mode`` says which ran ("raw_tracepoint" or "tracepoint", "+sampled" when hot
+    syscalls may be sampled) and :meth:`note` what the coverage section should say.
+    """
 
     name = "syscalls"
     description = "how often each traced process makes each syscall"
     default = True
     cost = "low"
 
-    def __init__(self) -> None:
+    def __init__(self, exact: bool = False, attach: str = "auto", hot_rate: float = HOT_RATE,
+                 sample_one_in: int = SAMPLE_ONE_IN, clock=time.monotonic) -> None:
         super().__init__()
-        self._last: Dict[Tuple[int, int], int] = {}
+        if attach not in ("auto", "raw_tracepoint", "tracepoint"):
+            raise ValueError(f"attach must be auto, raw_tracepoint or tracepoint, not {attach!r}")
+        if sample_one_in < 1 or sample_one_in & (sample_one_in - 1):
+            raise ValueError(f"sample_one_in must be a power of two, not {sample_one_in!r}")
+        self.exact = exact
+        self.attach_mode = attach
+        self.hot_rate = hot_rate
+        self.cold_rate = hot_rate / 4  # a hot syscall below this is counted exactly again
+        self.sample_one_in = sample_one_in
+        self.clock = clock
         self.machine = platform.machine()
+        self.raw_tp = False
+        self._last: Dict[Tuple[int, int], int] = {}
+        self.hot: Set[int] = set()  # what syscall_hot holds now
+        self.ever_hot: Set[int] = set()
+        self.sampled_hits = 0  # calls counted through the sampler (times sample_one_in = estimated)
+        self._last_drain: Optional[float] = None
 
+    # ------------------------------------------------------------------ the session's side
     def sources(self, ctx: Context):
-        return [("syscalls", dict(SYSCALL_KEYS_MAX=SYSCALL_KEYS_MAX))]
+        if self.attach_mode == "auto":
+            self.raw_tp = raw_tracepoint_supported("sys_enter")
+        else:
+            self.raw_tp = self.attach_mode == "raw_tracepoint"
+        return [("syscalls", dict(SYSCALL_KEYS_MAX=SYSCALL_KEYS_MAX, SYSCALL_NR_MAX=NR_MAX,
+                                  SYSCALL_HOT=int(not self.exact), SYSCALL_RAW_TP=int(self.raw_tp),
+                                  SYSCALL_SAMPLE_MASK=self.sample_one_in - 1))]
 
+    def attach(self, session) -> None:
+        self._last_drain = self.clock()  # the first drain's interval starts at attach
+
+    @property
+    def mode(self) -> str:
+        return ("raw_tracepoint" if self.raw_tp else "tracepoint") + ("" if self.exact else "+sampled")
+
+    def note(self) -> str:
+        """What the coverage section should say about how counts were taken."""
+        attach = ("raw tracepoint sys_enter" if self.raw_tp
+                  else "tracepoint raw_syscalls:sys_enter (no raw tracepoint support)")
+        if self.exact or not self.ever_hot:
+            return f"{attach}; every call counted"
+        names = ", ".join(sorted(syscall_name(nr, self.machine) for nr in self.ever_hot))
+        return (f"{attach}; hot syscalls (over {self.hot_rate:g}/s: {names}) counted one call in "
+                f"{self.sample_one_in} at random and scaled; the set of syscalls is complete for what "
+                f"was seen, but a process first using an already-hot syscall is seen after about "
+                f"{self.sample_one_in} calls of it (--syscalls=exact counts every call)")
+
+    # ------------------------------------------------------------------ drain
     def collect_drain(self) -> List[SyscallObservation]:
         if self.session is None or self.session.bpf is None:
             return []
+        now = self.clock()
+        interval = 0.0 if self._last_drain is None else max(0.0, now - self._last_drain)
+        self._last_drain = now
         table = self.session.bpf[b"syscall_counts"]
         traced = set(self.session.traced_pids())
-        out: List[SyscallObservation] = []
+        by: Dict[Tuple[int, int], SyscallObservation] = {}
+        per_nr: Dict[int, int] = {}
         stale = []
-        for k, per_cpu in table.items():
+        for k, total in counter_items(table):
             key = (k.tgid, k.nr)
-            total = sum(int(v) for v in per_cpu)
             delta = total - self._last.get(key, 0)
-            if delta > 0:
-                out.append(SyscallObservation(pid=k.tgid, nr=k.nr, count=delta,
-                                              name=syscall_name(k.nr, self.machine)))
             self._last[key] = total
             if k.tgid not in traced:
                 stale.append(k)
+            if delta <= 0:
+                continue
+            nr, sampled = k.nr, False
+            if nr & SAMPLED_BIT and (nr & ~SAMPLED_BIT) < NR_MAX:
+                nr, sampled = nr & ~SAMPLED_BIT, True
+                self.sampled_hits += delta
+                delta *= self.sample_one_in
+            per_nr[nr] = per_nr.get(nr, 0) + delta
+            obs = by.get((k.tgid, nr))
+            if obs is None:
+                by[(k.tgid, nr)] = SyscallObservation(pid=k.tgid, nr=nr, count=delta, sampled=sampled,
+                                                      name=syscall_name(nr, self.machine))
+            else:
+                obs.count += delta
+                obs.sampled = obs.sampled or sampled
         for k in stale:  # that process is gone: its counters have been read for the last time
             try:
                 del table[k]
             except KeyError:
                 pass
             self._last.pop((k.tgid, k.nr), None)
+        if not self.exact and interval > 0:
+            self._steer(per_nr, interval)
+        out = list(by.values())
         out.sort(key=lambda o: (o.pid, -o.count, o.name))
         return out
+
+    def _steer(self, per_nr: Dict[int, int], interval: float) -> None:
+        """Mark syscalls called above ``hot_rate`` hot, and hot ones fallen below ``cold_rate`` not."""
+        hot = {nr for nr in self.hot if per_nr.get(nr, 0) / interval >= self.cold_rate}
+        hot |= {nr for nr, n in per_nr.items() if nr < NR_MAX and n / interval > self.hot_rate}
+        if hot == self.hot:
+            return
+        table = self.session.bpf[b"syscall_hot"]
+        for nr in sorted(hot ^ self.hot):
+            table[ctypes.c_int(nr)] = ctypes.c_uint32(1 if nr in hot else 0)
+        self.hot = hot
+        self.ever_hot |= hot
+
+
+def counter_items(table) -> List[Tuple[_Key, int]]:
+    """(key, sum over CPUs) of the per-CPU u64 counters of ``syscall_counts``.
+
+    With the agent's own map access (:mod:`.bpfobject`: ``table.raw``) the value bytes are decoded
+    here, one u64 per CPU slot, without building a ctypes leaf per CPU; otherwise (a bcc ``BPF``)
+    through ``items()``, whose leaves are per-CPU lists of ints.
+    """
+    from .tracer import map_items
+
+    raw = getattr(table, "raw", None)
+    if raw is not None and getattr(raw, "percpu", False) and getattr(raw, "slot", 0) >= 8:
+        try:
+            pairs = raw.items_batch()
+        except OSError:  # no batch ops before 5.6
+            pairs = raw.items()
+        slot = raw.slot
+        return [(_Key.from_buffer_copy(k), sum(struct.unpack_from("=Q", v, off)[0]
+                                               for off in range(0, len(v) - 7, slot)))
+                for k, v in pairs]
+    return [(k, sum(int(v) for v in per_cpu)) for k, per_cpu in map_items(table)]
 
 
 def totals_by_pid(observations: List[SyscallObservation]) -> Dict[int, Dict[str, int]]:

@@ -286,6 +286,7 @@ class Pending:
     """A compile child under way: :meth:`result` waits for its answer (reply, descriptors)."""
 
     def __init__(self, request: dict):
+        self.peak_rss_mb = 0.0
         self.parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.err_file = tempfile.TemporaryFile()
         try:
@@ -321,7 +322,7 @@ class Pending:
                 if not more:
                     raise ChildError("compile child sent fewer descriptors than it announced")
                 fds.extend(more)
-            self.proc.wait(timeout=CHILD_TIMEOUT)
+            self._reap()
             if "error" in reply:
                 raise ChildError(reply["error"] or self._said() or "failed")
             return reply, fds
@@ -331,6 +332,15 @@ class Pending:
             raise
         finally:
             self.close()
+
+    def _reap(self) -> None:
+        """Wait for the child (it exits right after answering) and keep its peak RSS for the log."""
+        try:
+            _pid, status, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:
+            return
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.peak_rss_mb = usage.ru_maxrss / 1024
 
     def close(self) -> None:
         """Stop the child if it still runs (an abandoned prefetch) and release everything."""
@@ -356,11 +366,3 @@ def compile_object(text: str, cflags: Optional[List[str]] = None,
     "KPROBE") to keep for attach_uprobe/attach_kprobe. Raises ChildError (one line) on failure."""
     reply, fds = _run_child(load_request(text, cflags, load))
     return BPFObject(reply, fds, sys_root)
-
-
-def call_in_child(function: str, *args):
-    """Run ``module:function(*args)`` in a child that may import bcc; returns its JSON result."""
-    reply, fds = _run_child({"op": "call", "function": function, "args": list(args)})
-    for fd in fds:
-        os.close(fd)
-    return reply.get("result")

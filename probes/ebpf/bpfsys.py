@@ -321,6 +321,80 @@ def attach_probe(kind: str, prog_fd: int, target: str, offset: int = 0, retprobe
     return fd
 
 
+# ------------------------------------------------------------------ feature checks by loading
+PROG_LOAD, RAW_TRACEPOINT_OPEN = 5, 17
+PROG_TYPE_KPROBE, PROG_TYPE_TRACING = 2, 26
+ATTACH_TRACE_FENTRY = 24
+_RETURN_ZERO = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = 0; exit
+
+
+def kernel_version_code(release: str) -> int:
+    """LINUX_VERSION_CODE of ``uname -r`` ("6.18.44-fc" -> 0x06122c); kprobe programs need it on
+    kernels before 5.0."""
+    parts = []
+    for item in release.split("-")[0].split(".")[:3]:
+        digits = "".join(ch for ch in item if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    major, minor, patch = (parts + [0, 0, 0])[:3]
+    return (major << 16) + (minor << 8) + min(patch, 255)
+
+
+def prog_load(prog_type: int, attach_type: int = 0, btf_id: int = 0, kern_version: int = 0) -> int:
+    """Load the two-instruction "return 0" program of ``prog_type``; its fd, or OSError with the
+    kernel's errno (and the verifier's first line in the message)."""
+    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
+    license = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(4096)
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQIIQII", attr, 0, prog_type, 2, ctypes.addressof(insns),
+                     ctypes.addressof(license), 1, len(log), ctypes.addressof(log), kern_version, 0)
+    struct.pack_into("<16s", attr, 48, b"asbuilt_check")
+    struct.pack_into("<I", attr, 68, attach_type)
+    struct.pack_into("<I", attr, 108, btf_id)
+    try:
+        return bpf(PROG_LOAD, attr)
+    except OSError as err:
+        said = log.value.decode("utf-8", "replace").strip().splitlines()
+        raise OSError(err.errno, err.strerror + (f" ({said[-1]})" if said else "")) from None
+
+
+def raw_tracepoint_open(prog_fd: int, name: Optional[str] = None) -> int:
+    """Attach a raw tracepoint, or a tracing (fentry/fexit) program when ``name`` is None."""
+    buf = ctypes.create_string_buffer(name.encode()) if name else None
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<QI", attr, 0, ctypes.addressof(buf) if buf is not None else 0, prog_fd)
+    return bpf(RAW_TRACEPOINT_OPEN, attr)
+
+
+_BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}  # kind -> fixed bytes after the common header
+_BTF_PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # kind -> bytes per vlen item
+
+
+def btf_func_id(path: str, name: str) -> int:
+    """The BTF type id of kernel function ``name`` in ``path`` (``/sys/kernel/btf/vmlinux``);
+    LookupError when absent, ValueError when the file is not BTF."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return _btf_func_id(data, name)
+
+
+def _btf_func_id(data: bytes, name: str) -> int:
+    if len(data) < 24 or struct.unpack_from("<H", data)[0] != 0xEB9F:
+        raise ValueError("not BTF")
+    hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from("<IIIII", data, 4)
+    strings = hdr_len + str_off
+    want = name.encode() + b"\0"
+    pos, end, type_id = hdr_len + type_off, hdr_len + type_off + type_len, 1
+    while pos + 12 <= end:
+        name_off, info = struct.unpack_from("<II", data, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if kind == 12 and data[strings + name_off:strings + name_off + len(want)] == want:
+            return type_id
+        pos += 12 + _BTF_EXTRA.get(kind, 0) + vlen * _BTF_PER_MEMBER.get(kind, 0)
+        type_id += 1
+    raise LookupError(f"{name} not in the kernel's BTF")
+
+
 # ------------------------------------------------------------------------------ ELF symbols
 STT_FUNC, STT_GNU_IFUNC = 2, 10
 

@@ -1,15 +1,12 @@
 """The short-lived process that compiles eBPF C with bcc and hands the loaded objects to the agent.
 
 Run as ``python -m asbuilt.probes.ebpf.compile_child FD`` by :mod:`.bpfobject`; ``FD`` is its end of
-a ``SOCK_SEQPACKET`` socketpair. It reads one JSON request:
-
-- ``{"op": "load", "text": C, "cflags": [...], "load": [[function, "KPROBE"|...], ...]}``: compiles
-  ``text`` (bcc attaches every ``TRACEPOINT_PROBE``/``RAW_TRACEPOINT_PROBE``/``KFUNC_PROBE`` while
-  loading), loads the listed functions for attaching later (uprobes, kprobes), and answers with a
-  JSON description (maps with their key/leaf/event ctypes layouts, programs, attachments) whose
-  file descriptors travel with it as ``SCM_RIGHTS``;
-- ``{"op": "call", "function": "module:name", "args": [...]}``: runs a function that needs bcc in
-  process (the kfunc feature checks) and answers with its JSON result.
+a ``SOCK_SEQPACKET`` socketpair. It reads one JSON request,
+``{"op": "load", "text": C, "cflags": [...], "load": [[function, "KPROBE"|...], ...]}``, compiles
+``text`` (bcc attaches every ``TRACEPOINT_PROBE``/``RAW_TRACEPOINT_PROBE``/``KFUNC_PROBE`` while
+loading), loads the listed functions for attaching later (uprobes, kprobes), and answers with a
+JSON description (maps with their key/leaf/event ctypes layouts, programs, attachments) whose
+file descriptors travel with it as ``SCM_RIGHTS``.
 
 Then it exits with ``os._exit`` (no bcc clean-up: the attachments now belong to the agent, which
 holds the descriptors; the kernel keeps a program attached while any descriptor of its link is open).
@@ -19,7 +16,6 @@ per compiled object.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import os
 import socket
@@ -93,12 +89,6 @@ def _load(req: dict):
     return {"maps": maps, "progs": progs, "links": links, "nfds": len(fds)}, fds
 
 
-def _call(req: dict):
-    module, _, name = req["function"].partition(":")
-    func = getattr(importlib.import_module(module), name)
-    return {"result": func(*req.get("args", []))}, []
-
-
 def send(sock: socket.socket, reply: dict, fds: List[int]) -> None:
     data = json.dumps(reply).encode()
     chunks = [fds[i:i + FDS_PER_MSG] for i in range(0, len(fds), FDS_PER_MSG)] or [[]]
@@ -111,7 +101,9 @@ def main(argv: List[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     req = json.loads(sock.recv(MAX_MSG))
     try:
-        reply, fds = _load(req) if req.get("op") == "load" else _call(req)
+        if req.get("op") != "load":
+            raise ValueError(f"unknown request {req.get('op')!r}")
+        reply, fds = _load(req)
     except BaseException as err:  # bcc raises bare Exception; one line goes back to the agent
         text = str(err).strip()
         reply, fds = {"error": text.splitlines()[0] if text else type(err).__name__}, []

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import resource
 from typing import Dict, Sequence, Tuple, Union
 
 from ...agent.errors import ProbeUnavailable
@@ -81,8 +80,7 @@ def load(text: str, cflags: Union[list, None] = None, functions: Sequence[Tuple[
         if pending is None:
             pending = Pending(load_request(text, cflags, list(functions)))
         reply, fds = pending.result()
-        log.debug("compile child done peak_rss_mb=%.0f (children so far, at most)",
-                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+        log.info("compile child done peak_rss_mb=%.0f", pending.peak_rss_mb)
         return BPFObject(reply, fds)
     except (ChildError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

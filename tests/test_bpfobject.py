@@ -113,3 +113,18 @@ def test_elf_symbol_offset_matches_nm():
 @pytest.mark.parametrize("text,want", [("0-3,5\n", [0, 1, 2, 3, 5]), ("0", [0]), ("", []), ("x-y,2", [2])])
 def test_cpu_list(text, want):
     assert bpfsys.cpu_list(text) == want
+
+
+@pytest.mark.parametrize("release,code", [("6.18.44-fc-v657", 0x06122C), ("4.14.355-1.amzn2", 0x040EFF),
+                                          ("5.10", 0x050A00), ("garbage", 0)])
+def test_kernel_version_code(release, code):
+    assert bpfsys.kernel_version_code(release) == code
+
+
+def test_btf_func_id_live_and_malformed():
+    assert bpfsys.btf_func_id("/sys/kernel/btf/vmlinux", "vfs_read") > 0
+    with pytest.raises(LookupError):
+        bpfsys.btf_func_id("/sys/kernel/btf/vmlinux", "no_such_kernel_function_here")
+    for bad in (b"", b"\x9f\xeb" + b"\0" * 4, b"not btf at all, clearly" * 3):
+        with pytest.raises((ValueError, LookupError)):
+            bpfsys._btf_func_id(bad, "vfs_read")

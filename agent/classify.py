@@ -32,6 +32,7 @@ Rules, first match wins:
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
@@ -108,6 +109,13 @@ def classify(path: str, *, access: str = "", is_exec: bool = False, is_library: 
     """One of ``agent.model.FILE_CLASSES`` for a path or fd target (rules in the module docstring)."""
     if not isinstance(path, str) or not path:
         return "other"
+    return _classify(path, access, is_exec, is_library)
+
+
+@functools.lru_cache(maxsize=16384)
+def _classify(path: str, access: str, is_exec: bool, is_library: bool) -> str:
+    """Pure and called for every file fact the daemon learns (thousands a second under churn):
+    the same few paths come back again and again, so answers are cached."""
     raw = raw_target_kind(path)
     if raw and raw != "device":
         return raw

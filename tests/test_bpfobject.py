@@ -128,3 +128,13 @@ def test_btf_func_id_live_and_malformed():
     for bad in (b"", b"\x9f\xeb" + b"\0" * 4, b"not btf at all, clearly" * 3):
         with pytest.raises((ValueError, LookupError)):
             bpfsys._btf_func_id(bad, "vfs_read")
+
+
+def test_delete_many_batches_and_skips_missing(obj):
+    seen = obj[b"seen"]
+    for pid in range(100, 140):
+        seen[seen.Key(pid)] = seen.Leaf(pid)
+    keys = [bytes(ctypes.c_uint32(p)) for p in (100, 101, 999, 102)] + \
+        [bytes(ctypes.c_uint32(p)) for p in range(103, 140)]
+    assert seen.raw.delete_many(keys) == 40  # 999 was never there
+    assert seen.items() == []

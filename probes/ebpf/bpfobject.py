@@ -119,6 +119,16 @@ class Table:
             raise OSError(22, "no batch lookups on arrays here")
         return self._pairs(self.raw.items_batch())
 
+    def raw_items(self) -> List[Tuple[bytes, bytes]]:
+        """Every entry as (key bytes, value bytes): batched where the kernel can, no ctypes objects
+        (a drain that only needs what changed compares bytes instead of building ~10^5 structs)."""
+        if self.raw.info.type not in bpfsys.ARRAY_TYPES:
+            try:
+                return self.raw.items_batch()
+            except OSError:
+                pass
+        return self.raw.items()
+
     def keys(self) -> list:
         return [self.Key.from_buffer_copy(k) for k in self.raw.keys()]
 

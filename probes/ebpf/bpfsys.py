@@ -38,6 +38,7 @@ NR_BPF, NR_PERF_EVENT_OPEN = _NR.get(platform.machine(), (321, 298))
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_BATCH = 24
+MAP_DELETE_BATCH = 27
 
 # map types whose value is one slot per possible CPU
 PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
@@ -159,6 +160,26 @@ class RawMap:
                 return False
             raise
         return True
+
+    def delete_many(self, keys: List[bytes]) -> int:
+        """Delete ``keys`` with BPF_MAP_DELETE_BATCH (one syscall; 5.6+), one by one where the kernel
+        has no batch or a key is already gone; returns how many were deleted."""
+        ks = self.info.key_size
+        done = 0
+        while keys:
+            buf = ctypes.create_string_buffer(b"".join(keys), ks * len(keys))
+            attr = ctypes.create_string_buffer(56)
+            struct.pack_into("<QQQQIIQQ", attr, 0, 0, 0, ctypes.addressof(buf), 0, len(keys), self.fd, 0, 0)
+            try:
+                bpf(MAP_DELETE_BATCH, attr)
+                return done + len(keys)
+            except OSError as err:
+                count = struct.unpack_from("<I", attr, 32)[0]
+                done += count
+                if err.errno != 2:  # no batch op here: the slow way for what is left
+                    return done + sum(1 for k in keys[count:] if self.delete(k))
+                keys = keys[count + 1:]  # keys[count] was already gone: skip it
+        return done
 
     def keys(self) -> Iterator[bytes]:
         size = self.info.key_size

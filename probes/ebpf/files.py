@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import posixpath
+import struct
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -113,6 +114,7 @@ class FilesProbe(StreamingProbe):
         self.events = 0  # open events received (new facts)
         self.counts_interval = 0.0  # seconds between reads of the kernel's counters (the daemon: its refresh)
         self._counts_at = 0.0
+        self._raw_values: Dict[bytes, bytes] = {}  # kernel key bytes -> value bytes at the last read
         self.wall_offset = 0.0
 
     def sources(self, ctx: Context):
@@ -232,13 +234,17 @@ class FilesProbe(StreamingProbe):
         table = self.session.bpf[b"file_seen"] if self.session and self.session.bpf else None
         if table is None:
             return
-        from .tracer import map_items
-
         self._counts_at = time.monotonic()
-        for k, v in map_items(table):
+        seen_raw = self._raw_values
+        for kraw, vraw in table.raw_items():
+            if seen_raw.get(kraw) == vraw:
+                continue  # unchanged since the last read: most of a long-lived map
+            k = table.Key.from_buffer_copy(kraw)
+            v = table.Leaf.from_buffer_copy(vraw[:ctypes.sizeof(table.Leaf)])
             kkey = (k.tgid, k.cls, k.hash, k.err)
             if kkey not in self._kkeys:
                 continue  # its event is still in flight: counted at the next drain
+            seen_raw[kraw] = vraw
             if v.count != self._klast.get(kkey):
                 self._klast[kkey] = v.count
                 okey = self._kkeys[kkey]
@@ -270,6 +276,8 @@ class FilesProbe(StreamingProbe):
             return
         if self.session is not None and self.session.bpf is not None:
             forget_in_table(self.session.bpf[b"file_seen"], gone)
+        self._raw_values = {k: v for k, v in self._raw_values.items()
+                            if struct.unpack_from("<I", k)[0] not in gone}
         for kkey in [k for k in self._kkeys if k[0] in gone]:
             del self._kkeys[kkey]
             self._kbase.pop(kkey, None)

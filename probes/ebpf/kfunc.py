@@ -96,28 +96,33 @@ def _bpf_class(bpf_cls):
     return BPF
 
 
+def _load_and_attach(load: Callable[[], int], attach: Callable[[int], int]) -> str:
+    """Load a program and attach it, then drop both; "" when both worked, else what the kernel said."""
+    try:
+        prog = load()
+    except OSError as err:
+        return f"load said: {err.strerror}"
+    try:
+        os.close(attach(prog))
+    except OSError as err:
+        return f"attach said: {err.strerror}" + (f": {err.filename}" if err.filename else "")
+    finally:
+        os.close(prog)
+    return ""
+
+
 def _check_kprobes_direct(sys_root: str, function: str) -> Optional[str]:
     """Load a "return 0" kprobe program and attach it to ``function`` through the kprobe PMU, with
     plain syscalls (no bcc, no compile: a check must not cost the ~130 MB a compile child does)."""
     from . import bpfsys
 
-    said = ""
-    try:
-        prog = bpfsys.prog_load(bpfsys.PROG_TYPE_KPROBE,
-                                kern_version=bpfsys.kernel_version_code(os.uname().release))
-    except OSError as err:
-        said = f"load said: {err.strerror}"
-    else:
-        try:
-            os.close(bpfsys.attach_probe("kprobe", prog, function, sys_root=sys_root))
-        except OSError as err:
-            said = f"attach said: {err.strerror}" + (f": {err.filename}" if err.filename else "")
-        finally:
-            os.close(prog)
+    said = _load_and_attach(
+        lambda: bpfsys.prog_load(bpfsys.PROG_TYPE_KPROBE,
+                                 kern_version=bpfsys.kernel_version_code(os.uname().release)),
+        lambda prog: bpfsys.attach_probe("kprobe", prog, function, sys_root=sys_root))
     if not said:
         return None
-    facts = _facts(sys_root, kprobes=True)
-    return "kprobes unavailable: " + "; ".join(x for x in (facts, said) if x)
+    return "kprobes unavailable: " + "; ".join(x for x in (_facts(sys_root, kprobes=True), said) if x)
 
 
 def _check_fentry_direct(sys_root: str, function: str) -> Optional[str]:
@@ -129,22 +134,12 @@ def _check_fentry_direct(sys_root: str, function: str) -> Optional[str]:
         btf_id = bpfsys.btf_func_id(btf, function)
     except (OSError, LookupError, ValueError) as err:
         return f"fentry unavailable: no BTF for {function} ({btf}: {err})"
-    said = ""
-    try:
-        prog = bpfsys.prog_load(bpfsys.PROG_TYPE_TRACING, bpfsys.ATTACH_TRACE_FENTRY, btf_id)
-    except OSError as err:
-        said = f"load said: {err.strerror}"
-    else:
-        try:
-            os.close(bpfsys.raw_tracepoint_open(prog))
-        except OSError as err:
-            said = f"attach said: {err.strerror}"
-        finally:
-            os.close(prog)
+    said = _load_and_attach(
+        lambda: bpfsys.prog_load(bpfsys.PROG_TYPE_TRACING, bpfsys.ATTACH_TRACE_FENTRY, btf_id),
+        bpfsys.raw_tracepoint_open)
     if not said:
         return None
-    facts = _facts(sys_root, kprobes=False)
-    return "fentry unavailable: " + "; ".join(x for x in (said, facts) if x)
+    return "fentry unavailable: " + "; ".join(x for x in (said, _facts(sys_root, kprobes=False)) if x)
 
 
 class Checks:

@@ -21,32 +21,34 @@ def pid_path(proc_root: str, pid: int, name: str) -> str:
     return f"{proc_root}/{pid}/{name}"
 
 
-def read_bytes(path: str) -> bytes:
-    """The whole content of ``path``; OSError is translated (Vanished, Denied, AsbuiltError)."""
+def _read(path: str, short_is_end: bool) -> bytes:
     try:
         fd = os.open(path, _FLAGS)
     except OSError as err:
         raise from_oserror(err, path) from err
     try:
         data = os.read(fd, CHUNK)
-        if len(data) < CHUNK:
+        if short_is_end and len(data) < CHUNK:
             # A short read is the end of a single-record procfs file: the single_open seq_files
             # (stat, status, limits, cgroup, fdinfo) and the cmdline/environ readers fill the
             # buffer until the file ends. NOT true of record-per-line files such as maps: those
-            # use read_records. Asking again would only return b"": one syscall in three, ~50 ms over
-            # 1,000 processes.
+            # use read_records. Asking again would only return b"": one syscall in three, ~50 ms
+            # over 1,000 processes.
             return data
         chunks = [data]
-        while True:
-            chunk = os.read(fd, CHUNK)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        while data:
+            data = os.read(fd, CHUNK)
+            chunks.append(data)
     except OSError as err:
         raise from_oserror(err, path) from err
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of ``path``; OSError is translated (Vanished, Denied, AsbuiltError)."""
+    return _read(path, short_is_end=True)
 
 
 def read_records(path: str) -> str:
@@ -55,22 +57,7 @@ def read_records(path: str) -> str:
     Unlike :func:`read_bytes`, reads until end of file: such a file answers each read with at most
     one page of whole records (the seq_file buffer), so a short read there is not the end.
     """
-    try:
-        fd = os.open(path, _FLAGS)
-    except OSError as err:
-        raise from_oserror(err, path) from err
-    chunks = []
-    try:
-        while True:
-            chunk = os.read(fd, CHUNK)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except OSError as err:
-        raise from_oserror(err, path) from err
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
+    return _read(path, short_is_end=False).decode("utf-8", "surrogateescape")
 
 
 def read_text(path: str) -> str:

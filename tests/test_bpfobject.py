@@ -138,3 +138,24 @@ def test_delete_many_batches_and_skips_missing(obj):
         [bytes(ctypes.c_uint32(p)) for p in range(103, 140)]
     assert seen.raw.delete_many(keys) == 40  # 999 was never there
     assert seen.items() == []
+
+
+def test_ring_wraps_and_reports_losses(obj):
+    got, lost = [], []
+    events = obj[b"events"]
+    events.open_perf_buffer(lambda cpu, data, size: got.append(events.event(data).n), page_cnt=1,
+                            lost_cb=lost.append)
+    for _ in range(5):  # 5 x 60 records of ~48 bytes through a 4 KiB ring: it wraps
+        for _ in range(60):
+            os.getppid()
+        obj.perf_buffer_poll(timeout=0)
+    assert got == list(range(1, 301)) and not lost
+    for _ in range(400):  # more than the ring holds before a read: the kernel counts the loss
+        os.getppid()
+    obj.perf_buffer_poll(timeout=0)
+    for extra in range(1, 51):  # the kernel writes its LOST record with the next record that fits
+        os.getppid()            # on that CPU's ring
+        obj.perf_buffer_poll(timeout=0)
+        if lost:
+            break
+    assert sum(lost) > 0 and len(got) + sum(lost) == 700 + extra

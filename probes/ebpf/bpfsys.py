@@ -274,33 +274,32 @@ class PerfRing:
             raise
 
     def read(self, on_sample: Callable[[int, bytes], None], on_lost: Callable[[int], None]) -> int:
-        mm = self.mm
+        mm, size, cpu = self.mm, self.size, self.cpu
         head = struct.unpack_from("<Q", mm, 1024)[0]  # data_head
         tail = struct.unpack_from("<Q", mm, 1032)[0]  # data_tail
-        n = 0
-        while tail < head:
-            rec = self._bytes(tail, 8)
-            rtype, _misc, rsize = struct.unpack("<IHH", rec)
-            if rsize < 8:
+        length = head - tail
+        if length <= 0:
+            return 0
+        start = PAGE_SIZE + tail % size
+        if tail % size + length <= size:  # what was written since, copied out once
+            buf = mm[start:start + length]
+        else:
+            buf = mm[start:PAGE_SIZE + size] + mm[PAGE_SIZE:PAGE_SIZE + (tail % size + length - size)]
+        unpack = struct.unpack_from
+        pos = n = 0
+        while pos + 8 <= length:
+            rtype, _misc, rsize = unpack("<IHH", buf, pos)
+            if rsize < 8 or pos + rsize > length:
                 break  # torn ring: give up on this read rather than loop
-            body = self._bytes(tail + 8, rsize - 8)
-            if rtype == PERF_RECORD_SAMPLE and len(body) >= 4:
-                raw_len = struct.unpack_from("<I", body)[0]
-                on_sample(self.cpu, body[4:4 + raw_len])
+            if rtype == PERF_RECORD_SAMPLE:
+                raw_len = unpack("<I", buf, pos + 8)[0]
+                on_sample(cpu, buf[pos + 12:pos + 12 + min(raw_len, rsize - 12)])
                 n += 1
-            elif rtype == PERF_RECORD_LOST and len(body) >= 16:
-                on_lost(struct.unpack_from("<QQ", body)[1])
-            tail += rsize
-        struct.pack_into("<Q", mm, 1032, tail)
+            elif rtype == PERF_RECORD_LOST and rsize >= 24:
+                on_lost(unpack("<Q", buf, pos + 16)[0])
+            pos += rsize
+        struct.pack_into("<Q", mm, 1032, tail + pos)
         return n
-
-    def _bytes(self, pos: int, length: int) -> bytes:
-        start = PAGE_SIZE + pos % self.size
-        end = start + length
-        limit = PAGE_SIZE + self.size
-        if end <= limit:
-            return self.mm[start:end]
-        return self.mm[start:limit] + self.mm[PAGE_SIZE:PAGE_SIZE + end - limit]
 
     def close(self) -> None:
         try:

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="do not hash files to check them against their package's checksums")
     p.add_argument("--kernel-threads", action="store_true", help="include kernel threads")
+    p.add_argument("--cache-dir", default=None,
+                   help="package-database answers kept between scans, each used only while the files it "
+                        "came from are unchanged (default /var/cache/asbuilt as root; ASBUILT_CACHE_DIR)")
+    p.add_argument("--no-cache", dest="cache_dir", action="store_const", const="off",
+                   help="no package cache")
 
     p = sub.add_parser("show", help="print a readable summary of a saved profile")
     p.add_argument("profile")
@@ -118,6 +123,9 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
+DEFAULT_CACHE_DIR = "/var/cache/asbuilt"
+
+
 def cmd_scan(args) -> int:
     from ..exporters.files import write_profile
     from ..exporters.summary import one_line, render
@@ -125,8 +133,14 @@ def cmd_scan(args) -> int:
     from .scan import scan
 
     ctx = Context(roots=Roots(proc=args.proc_root, sys=args.sys_root, rootfs=args.rootfs))
+    # dpkg's answers kept between scans while dpkg's and apt's files are unchanged (see
+    # probes/packages/cache.py); ASBUILT_CACHE_DIR=off (or empty) turns it off.
+    cache_dir = getattr(args, "cache_dir", None)
+    if cache_dir is None:
+        cache_dir = _env_default("cache_dir", DEFAULT_CACHE_DIR if os.geteuid() == 0 else "")
     ctx.options.update(packages=not args.no_packages, verify=not args.no_verify,
-                       kernel_threads=args.kernel_threads)
+                       kernel_threads=args.kernel_threads,
+                       cache_dir="" if cache_dir in ("", "off", "none") else cache_dir)
     profile = scan(ctx, pids=args.pid or None)
     if args.output:
         gc.disable()  # encoding builds only acyclic dicts/lists: no collector passes over the profile

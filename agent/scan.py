@@ -57,8 +57,9 @@ class ProcessProbe(Probe):
         Building each process as soon as it is read keeps one ProcInfo alive at a time instead of
         all of them (raw environments, maps, limits, fd lists: ~20 MB for 1,000 processes).
 
-        With ``build``, many processes and more than one CPU, every other pid is read and built by
-        a forked copy of this process (:func:`_fork_worker`): procfs reading and parsing is
+        With ``build``, many processes and more than one CPU, a forked copy of this process reads
+        and builds pids too, both taking chunks from one queue (:class:`_PidQueue`,
+        :func:`_fork_worker`): procfs reading and parsing is
         CPU-bound Python that threads would only serialise on the GIL. The results, gaps included,
         are applied in pid order exactly as a sequential read would, so the profile is the same.
         """
@@ -77,17 +78,21 @@ class ProcessProbe(Probe):
         read = lambda pid: _read_one(ctx.roots.proc, pid, keep_kthreads, self.build)  # noqa: E731
         results: Dict[int, tuple] = {}
         self.workers = 1
-        worker = _fork_worker(ctx, pids[1::2], read) if self.build is not None and _may_fork(ctx, pids) else None
+        queue = _PidQueue.make(pids) if self.build is not None and _may_fork(ctx, pids) else None
+        worker = _fork_worker(ctx, queue, read) if queue is not None else None
+        if queue is not None and worker is None:
+            queue.close()
         if worker is not None:
             self.workers = 2
             try:
-                for pid in pids[0::2]:
-                    results[pid] = read(pid)
+                for chunk in queue:
+                    for pid in chunk:
+                        results[pid] = read(pid)
             finally:
+                queue.close()
                 theirs = worker.result()
-            if theirs is None:  # the worker failed: read its share here, as without it
+            if not theirs and not worker.ok:  # it failed: what it took is read below, as without it
                 self.workers = 1
-                theirs = {pid: read(pid) for pid in pids[1::2]}
             results.update(theirs)
         out: list = []
         for pid in pids:
@@ -150,33 +155,91 @@ def _may_fork(ctx: Context, pids: List[int]) -> bool:
     return cpus > 1 and threading.active_count() == 1
 
 
+class _PidQueue:
+    """The pids to read, in chunks, shared by this process and a forked worker: each takes the
+    next chunk when it is done with its last, so both finish together whatever the processes cost
+    (a fixed half each left one side waiting for the other). A pipe holds one 4-byte token per
+    chunk, written before the fork; a read of 4 bytes takes one whole token, atomically, and EOF
+    once the pipe is empty (no write end is left open)."""
+
+    CHUNK = 8  # pids per token: small enough to balance, large enough that tokens cost nothing
+
+    def __init__(self, pids: List[int], rfd: int, chunk: int):
+        self.pids, self.rfd, self.chunk = pids, rfd, chunk
+
+    @classmethod
+    def make(cls, pids: List[int]) -> Optional["_PidQueue"]:
+        import struct
+
+        chunk = max(cls.CHUNK, -(-len(pids) // 8000))  # at most 8,000 tokens: 32 KB, under a pipe's 64 KB
+        tokens = b"".join(struct.pack("=I", i) for i in range(0, len(pids), chunk))
+        try:
+            rfd, wfd = os.pipe()
+        except OSError:
+            return None
+        try:
+            view = memoryview(tokens)
+            while view:
+                view = view[os.write(wfd, view):]
+        except OSError:
+            os.close(rfd)
+            return None
+        finally:
+            os.close(wfd)
+        return cls(pids, rfd, chunk)
+
+    def __iter__(self):
+        import struct
+
+        while self.rfd >= 0:
+            try:
+                token = os.read(self.rfd, 4)
+            except OSError:
+                return
+            if len(token) != 4:
+                return
+            (i,) = struct.unpack("=I", token)
+            yield self.pids[i:i + self.chunk]
+
+    def close(self) -> None:
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+
+
 class _Worker:
-    """A forked child reading a share of the pids; :meth:`result` collects its answer."""
+    """A forked child reading chunks of the pids; :meth:`result` collects its answer."""
 
     def __init__(self, pid: int, fd: int):
         self.pid, self.fd = pid, fd
+        self.ok = False  # exited 0 after writing its end marker
 
-    def result(self) -> Optional[Dict[int, tuple]]:
-        """The worker's {pid: (gaps, item)}, or None if it failed (then nothing of it is used).
+    def result(self) -> Dict[int, tuple]:
+        """The worker's {pid: (gaps, item)}: every chunk it finished, even if it died later (the
+        pids it took but did not finish are not in it: the caller reads them itself).
 
-        Unpickled straight from the pipe: the pickle (~2.5 MB for 500 processes) is never held
-        whole next to the objects it becomes."""
+        The worker pickles each chunk into an anonymous file as soon as it is read; that file is
+        unpickled after the worker has exited, chunk by chunk, never held whole as bytes."""
         import pickle
 
-        got = None
+        got: Dict[int, tuple] = {}
+        status = self._reap()
         try:
             with open(self.fd, "rb", buffering=1 << 16, closefd=True) as fh:
-                got = pickle.load(fh)
-                if fh.read(1):
-                    got = None  # more than one pickle: not what a worker writes
-        except Exception as err:  # EOF mid-pickle: the worker died while writing
-            log.debug("scan worker pid=%d sent no usable result: %s", self.pid, err)
-            got = None
-        finally:
-            status = self._reap()
-        if status != 0 or not isinstance(got, dict):
-            log.debug("scan worker pid=%d failed status=%s", self.pid, status)
-            return None
+                fh.seek(0)
+                loader = pickle.Unpickler(fh)  # one unpickler: its memo spans the chunks
+                while True:
+                    part = loader.load()
+                    if part is None:  # the end marker: everything arrived
+                        self.ok = status == 0
+                        break
+                    if not isinstance(part, dict):
+                        break
+                    got.update(part)
+        except Exception as err:  # EOF mid-chunk: the worker died while writing; keep what came
+            log.debug("scan worker pid=%d result ends early: %s", self.pid, err)
+        if status != 0:
+            log.debug("scan worker pid=%d failed status=%s, %d pids from it", self.pid, status, len(got))
         return got
 
     def _reap(self) -> Optional[int]:
@@ -218,37 +281,53 @@ def _pickler_class():
 _FIELDS: Dict[type, tuple] = {}
 
 
-def _fork_worker(ctx: Context, pids: List[int], read: Callable[[int], tuple]) -> Optional[_Worker]:
-    """Fork a copy of this process that runs ``read`` on each of ``pids`` and writes the pickled
-    {pid: result} to a pipe, then exits without running any of the parent's clean-up. None when
-    the fork itself fails (the caller then reads those pids itself)."""
-    import pickle
+def _result_file() -> Optional[int]:
+    """An anonymous file for the worker's results: memfd, else an unlinked temp file."""
+    try:
+        return os.memfd_create("asbuilt-scan", getattr(os, "MFD_CLOEXEC", 0))
+    except (AttributeError, OSError):
+        pass
+    import tempfile
 
     try:
-        rfd, wfd = os.pipe()
+        fh = tempfile.TemporaryFile()
     except OSError:
+        return None
+    fd = os.dup(fh.fileno())
+    fh.close()
+    return fd
+
+
+def _fork_worker(ctx: Context, queue: _PidQueue, read: Callable[[int], tuple]) -> Optional[_Worker]:
+    """Fork a copy of this process that takes chunks of pids from ``queue``, runs ``read`` on each
+    pid and appends each chunk's pickled {pid: result} to an anonymous file it shares with us,
+    then exits without running any of the parent's clean-up. None when the fork itself fails
+    (the caller then reads every pid itself)."""
+    import pickle
+
+    fd = _result_file()
+    if fd is None:
         return None
     try:
         child = os.fork()
     except OSError as err:
         log.debug("scan worker: fork failed: %s", err)
-        os.close(rfd)
-        os.close(wfd)
+        os.close(fd)
         return None
     if child == 0:  # the worker: never returns
         code = 1
         try:
-            os.close(rfd)
-            results = {pid: read(pid) for pid in pids}
-            with open(wfd, "wb", buffering=1 << 16) as fh:
-                _pickler_class()(fh, protocol=pickle.HIGHEST_PROTOCOL).dump(results)
+            with open(fd, "wb", buffering=1 << 16) as fh:
+                pickler = _pickler_class()(fh, protocol=pickle.HIGHEST_PROTOCOL)
+                for chunk in queue:
+                    pickler.dump({pid: read(pid) for pid in chunk})
+                pickler.dump(None)
             code = 0
-        except BaseException:  # noqa: BLE001 - the parent reads these pids itself
+        except BaseException:  # noqa: BLE001 - the parent reads the pids it took itself
             pass
         finally:
             os._exit(code)
-    os.close(wfd)
-    return _Worker(child, rfd)
+    return _Worker(child, fd)
 
 
 def socket_inodes(info) -> List[int]:
@@ -312,10 +391,30 @@ class PackageProbe(Probe):
     def collect(self, ctx: Context) -> List[Package]:
         from ..probes.packages.index import open_index
 
-        index = open_index(ctx.roots, ctx.gaps)
+        cache_dir = ctx.options.get("cache_dir") or ""
+        cache_file = os.path.join(cache_dir, "dpkg-index.msgpack") if cache_dir and ctx.roots.live else ""
+        index = open_index(ctx.roots, ctx.gaps, cache_file=cache_file)
         if index is None:
             return []
-        return attach_packages(self.processes, index, verify=bool(ctx.options.get("verify", True)))
+        packages = attach_packages(self.processes, index, verify=bool(ctx.options.get("verify", True)))
+        if cache_file:
+            _save_cache(cache_file, index.cache_update())
+        return packages
+
+
+def _save_cache(path: str, data: Optional[bytes]) -> None:
+    """Write the package index's cache (atomic, 0600, in a 0700 directory); failing to is only a
+    slower next scan, never a gap in this one."""
+    if data is None:
+        return
+    from ..exporters.files import atomic_write
+    from .errors import AsbuiltError
+
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        atomic_write(path, data)
+    except (OSError, AsbuiltError) as err:
+        log.debug("package cache not written path=%s: %s", path, err)
 
 
 # ---------------------------------------------------------------------------------- joins
@@ -433,14 +532,30 @@ def attach_packages(processes: List[Process], index, verify: bool = True) -> Lis
 
 # ----------------------------------------------------------------------- process assembly
 def build_process(info, users: Dict[int, str], groups: Dict[int, str], boot_time: float,
-                  clk_tck: int) -> Process:
-    """A model Process from one procfs reading (:class:`ProcInfo`); no sockets or packages yet."""
+                  clk_tck: int, memo: Optional[Dict[tuple, Any]] = None) -> Process:
+    """A model Process from one procfs reading (:class:`ProcInfo`); no sockets or packages yet.
+
+    ``memo`` (one dict per scan) keeps the answers of the pure, regex-heavy steps (redaction,
+    identity, file classification) by their input: the workers of one service share their
+    environment, command line and files, so each distinct input is worked out once. Every
+    process still gets its own lists and dicts.
+    """
     from ..probes.procfs import fd as fdmod
     from .model import Limit
 
+    if memo is None:
+        memo = {}
     st, status = info.stat, info.status
-    argv = redact_argv(list(info.cmdline))
-    env_names, env_values = redact_env(dict(info.environ or {}))
+    cmdline = tuple(info.cmdline)
+    got = memo.get(cmdline)
+    if got is None:
+        got = memo[cmdline] = redact_argv(list(cmdline))
+    argv = list(got)
+    env_key = ("\0env",) + tuple((info.environ or {}).items())
+    got = memo.get(env_key)
+    if got is None:
+        got = memo[env_key] = redact_env(dict(info.environ or {}))
+    env_names, env_values = list(got[0]), dict(got[1])
     uid, gid = status.uid, status.gid
     proc = Process(
         pid=info.pid, ppid=st.ppid, name=st.comm, exe=info.exe, cmdline=argv,
@@ -455,10 +570,22 @@ def build_process(info, users: Dict[int, str], groups: Dict[int, str], boot_time
         env_names=env_names, env=env_values,
     )
     proc.limits = [Limit(name=lim.name, soft=lim.soft, hard=lim.hard, unit=lim.unit) for lim in info.limits]
-    proc.identity = identity(proc.exe, argv, proc.systemd_unit, proc.container_id)
+    id_key = ("\0id", proc.exe, proc.systemd_unit, proc.container_id) + tuple(argv)
+    got = memo.get(id_key)
+    if got is None:
+        got = memo[id_key] = identity(proc.exe, argv, proc.systemd_unit, proc.container_id)
+    proc.identity = got
+
+    def kind_of(path: str, access: str) -> str:
+        key = ("\0kind", path, access)
+        kind = memo.get(key)
+        if kind is None:
+            kind = memo[key] = classify(path, access=access)
+        return kind
+
     proc.libraries = [FileRef(path=link.path, kind="library", mode="r", deleted=link.deleted, learned=SCAN)
                       for link in info.libraries]
-    proc.mapped_files = [FileRef(path=link.path, kind="deleted" if link.deleted else classify(link.path, access="r"),
+    proc.mapped_files = [FileRef(path=link.path, kind="deleted" if link.deleted else kind_of(link.path, "r"),
                                  mode="r", deleted=link.deleted, learned=SCAN)
                          for link in info.mapped_files if link.path != proc.exe]
     files: Dict[str, FileRef] = {}
@@ -471,7 +598,7 @@ def build_process(info, users: Dict[int, str], groups: Dict[int, str], boot_time
         access = fdmod.mode(entry.flags) if entry.flags is not None else ""
         ref = files.get(path)
         if ref is None:
-            files[path] = FileRef(path=path, kind="deleted" if deleted else classify(path, access=access),
+            files[path] = FileRef(path=path, kind="deleted" if deleted else kind_of(path, access),
                                   mode=access, deleted=deleted, learned=SCAN)
         elif access:
             ref.mode = "".join(c for c in "rwac" if c in ref.mode + access)
@@ -512,7 +639,9 @@ def _scan(ctx: Context, pids: Optional[Iterable[int]]) -> Profile:
 
     users, groups = _users(ctx)
     clk_tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    pprobe = ProcessProbe(pids, build=lambda info: build_process(info, users, groups, host.boot_time, clk_tck))
+    memo: Dict[tuple, Any] = {}
+    pprobe = ProcessProbe(pids, build=lambda info: build_process(info, users, groups, host.boot_time, clk_tck,
+                                                                 memo))
     built: List[Tuple[Process, List[int]]] = run_snapshot(pprobe, ctx) or []
     processes = [proc for proc, _ in built]
     if pprobe.kernel_threads:

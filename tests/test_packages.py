@@ -531,3 +531,138 @@ def test_resolve_under_with_directory_cache_equals_realpath(tmp_path):
     for p in paths:
         assert resolve_under("/", p, dirs=dirs) == os.path.realpath(p), p
     assert dirs  # the directories were kept
+
+
+# ============================================================= the agent's cache of dpkg's answers
+from asbuilt.probes.packages import cache as cachemod  # noqa: E402
+
+CACHE_PATHS = ("/bin/tool", "/usr/bin/tool", "/usr/bin/tool.distrib", "/usr/bin/other", "/bin/other",
+               "/usr/lib/x86_64-linux-gnu/libtiny.so.1", "/lib/x86_64-linux-gnu/libtiny.so.1.2.3",
+               "/lib/i386-linux-gnu/libtiny.so.1.2.3", "/usr/share", "/etc/conf.conf", "/etc/local.conf",
+               "/etc/gone.conf", "/usr/bin/stale", "/usr/bin/broken", "/nope")
+
+
+def _answers(rootfs, cache_file=""):
+    """Everything a scan asks an index, the gaps it recorded, and the index."""
+    cov, gaps = new_gaps()
+    idx = dpkg.DpkgIndex(Roots(rootfs=rootfs), gaps, cache_file=cache_file)
+    owners = idx.owners(CACHE_PATHS)
+    idx.prefetch_hashes([p for p in CACHE_PATHS if owners[p]])
+    verified = {p: idx.verify(p) for p in CACHE_PATHS if owners[p]}
+    pkgs = {}
+    for name in sorted({o for o in owners.values() if o}):
+        p = idx.package(name)
+        pkgs[name] = (p.version, p.install_time, p.origin, p.source)
+    return (owners, verified, pkgs, [(g.kind, g.subject, g.detail) for g in cov.gaps]), idx
+
+
+def _copy_fixture(tmp_path):
+    root = str(tmp_path / "root")
+    shutil.copytree(FIXTURE, root, symlinks=True)
+    return root
+
+
+def test_cache_answers_like_the_database(tmp_path, monkeypatch):
+    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)  # the copied files are brand new
+    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    plain, _ = _answers(root)
+    cold, idx = _answers(root, cf)
+    assert cold == plain
+    data = idx.cache_update()
+    assert data
+    with open(cf, "wb") as fh:
+        fh.write(data)
+    warm, idx2 = _answers(root, cf)
+    assert warm == plain
+    assert idx2.build_seconds == 0.0, "no list file was scanned"
+    assert not idx2._hashing, "no file was hashed"
+    assert idx2._resolver is None, "no apt list was read"
+    assert idx2.cache_update() is None, "nothing new: nothing to write"
+
+
+def test_cache_is_dropped_when_dpkg_or_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
+    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    _, idx = _answers(root, cf)
+    with open(cf, "wb") as fh:
+        fh.write(idx.cache_update())
+    time.sleep(0.05)  # past the timestamp tick of the copy: a change shows in the mtimes
+    # a package now lists /usr/bin/stale (dpkg writes list files by a rename into info/)
+    info = os.path.join(root, "var/lib/dpkg/info")
+    with open(os.path.join(info, "confpkg.list")) as fh:
+        listed = fh.read()
+    with open(os.path.join(info, "confpkg.list.new"), "w") as fh:
+        fh.write(listed.rstrip("\n") + "\n/usr/bin/stale\n")
+    os.rename(os.path.join(info, "confpkg.list.new"), os.path.join(info, "confpkg.list"))
+    # and a verified file is rewritten with its old mtime put back
+    other = os.path.join(root, "usr/bin/tool.distrib")
+    st = os.stat(other)
+    with open(other, "ab") as fh:
+        fh.write(b"changed")
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fresh, _ = _answers(root)
+    assert fresh[0]["/usr/bin/stale"] == "confpkg" and fresh[1]["/usr/bin/tool.distrib"] is True
+    cached, _ = _answers(root, cf)
+    assert cached == fresh
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"garbage", b"\x81\xa7version\x01",  # empty, not msgpack, a map missing every part
+    b"\xde\x00",  # truncated
+    None,  # a well-formed cache of another version
+    "wrong-types",  # a cache whose parts have the wrong types
+    "foreign-owner",  # valid stamps but an owner this database does not have
+])
+def test_corrupt_or_foreign_cache_is_harmless(tmp_path, monkeypatch, content):
+    import msgpack
+
+    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
+    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    plain, idx = _answers(root, cf)
+    good = msgpack.unpackb(idx.cache_update(), raw=False)
+    if content is None:
+        content = msgpack.packb(dict(good, version=cachemod.VERSION + 1))
+    elif content == "wrong-types":
+        content = msgpack.packb(dict(good, owners={"/bin/tool": 3}, hashes=[1, 2]))
+    elif content == "foreign-owner":
+        content = msgpack.packb(dict(good, owners={"/nope": ["evilpkg"]}))
+    with open(cf, "wb") as fh:
+        fh.write(content)
+    os.chmod(cf, 0o600)
+    got, idx2 = _answers(root, cf)
+    assert got == plain
+    assert idx2.cache_update(), "the bad cache is replaced"
+
+
+def test_cache_file_writable_by_others_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
+    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    _, idx = _answers(root, cf)
+    with open(cf, "wb") as fh:
+        fh.write(idx.cache_update())
+    os.chmod(cf, 0o666)
+    _, idx2 = _answers(root, cf)
+    assert idx2.build_seconds > 0.0, "the lists were scanned again"
+
+
+def test_fixture_roots_scan_writes_no_cache(tmp_path):
+    from asbuilt.agent.scan import PackageProbe
+    from asbuilt.probes.base import Context
+
+    ctx = Context(roots=Roots(proc=str(tmp_path), sys=str(tmp_path), rootfs=FIXTURE))
+    ctx.options["cache_dir"] = str(tmp_path / "cache")
+    PackageProbe([]).collect(ctx)
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_cache_keeps_only_this_scans_paths_past_its_bound(tmp_path, monkeypatch):
+    import msgpack
+
+    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
+    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    _, idx = _answers(root, cf)
+    idx.cache.owners.update({f"/tmp/gone{i}.log": () for i in range(50)})  # files of earlier scans
+    monkeypatch.setattr(cachemod, "MAX_ENTRIES", 40)
+    kept = msgpack.unpackb(idx.cache_update(), raw=False)["owners"]
+    assert not [p for p in kept if p.startswith("/tmp/gone")]
+    assert "/usr/bin/other" in kept

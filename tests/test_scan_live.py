@@ -267,3 +267,45 @@ def test_live_scan_with_worker_sees_every_process_and_leaves_no_child():
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_cli_scan_package_cache_gives_the_same_packages(tmp_path):
+    """The CLI keeps dpkg's answers in its cache dir (0700, file 0600); a scan that uses them says
+    the same of the same process as one that does not."""
+    cli = [sys.executable, "-m", "asbuilt.agent.cli"]
+    cache = tmp_path / "cache"
+    env = dict(os.environ, ASBUILT_CACHE_DIR=str(cache))
+    pid = str(os.getpid())
+
+    def packages_of(out, extra_env):
+        r = subprocess.run(cli + ["scan", "--pid", pid, "-o", str(out)], capture_output=True, text=True,
+                           env=extra_env)
+        assert r.returncode == 0, r.stderr
+        prof = load_profile(str(out))
+        (proc,) = prof.processes
+        refs = sorted((f.path, f.package, f.owned, f.modified) for f in proc.libraries + proc.files)
+        pkgs = sorted((p.name, p.version, p.origin, p.install_time) for p in prof.packages)
+        return proc.exe_package, refs, pkgs
+
+    plain = packages_of(tmp_path / "a.msgpack", dict(os.environ, ASBUILT_CACHE_DIR="off"))
+    assert not cache.exists()
+    cold = packages_of(tmp_path / "b.msgpack", env)
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(cache / "dpkg-index.msgpack").st_mode) == 0o600
+    warm = packages_of(tmp_path / "c.msgpack", env)
+    assert plain == cold == warm and plain[2], "python's packages were found"
+
+
+def test_build_process_memo_changes_nothing():
+    import asbuilt.agent.scan as scanmod
+    from asbuilt.agent.model import to_dict
+    from asbuilt.probes.procfs.process import read_process
+
+    infos = []
+    for pid in (os.getpid(), os.getppid(), 1, os.getpid()):  # the same process twice: memo hits
+        infos.append(read_process("/proc", pid))
+    memo: dict = {}
+    alone = [scanmod.build_process(i, {}, {}, 0.0, 100) for i in infos]
+    shared = [scanmod.build_process(i, {}, {}, 0.0, 100, memo) for i in infos]
+    assert [to_dict(p) for p in alone] == [to_dict(p) for p in shared]
+    assert shared[0].cmdline is not shared[3].cmdline and shared[0].env_names is not shared[3].env_names

@@ -21,7 +21,6 @@ and ``/var/lib/dpkg/diversions`` (see dpkg(1), dpkg-query(1), dpkg-divert(1), de
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -200,7 +199,7 @@ class DpkgIndex(PackageIndex):
 
     manager = "dpkg"
 
-    def __init__(self, roots: Roots, gaps: GapRecorder, use_apt_pkg: bool = False):
+    def __init__(self, roots: Roots, gaps: GapRecorder, use_apt_pkg: bool = False, cache_file: str = ""):
         self.roots = roots
         self.gaps = gaps
         self.use_apt_pkg = use_apt_pkg
@@ -242,7 +241,34 @@ class DpkgIndex(PackageIndex):
         self._origins: Dict[str, str] = {}
         self._resolver = None
         self._gapped: Set[str] = set()
+        self._cached_digest: Dict[str, str] = {}  # host path -> md5 the cache still vouches for
         self.build_seconds = 0.0
+        self.cache = self._open_cache(cache_file) if cache_file else None
+
+    # -------------------------------------------------------------------------- the cache
+    def _open_cache(self, cache_file: str):
+        """The agent's cache of earlier answers (``cache.py``), its ownership part applied."""
+        from . import cache as cachemod
+        from .apt_origin import LISTS_DIR
+
+        got = cachemod.read_cache(
+            cache_file,
+            cachemod.dpkg_stamp(self.roots.path(DPKG_DIR + "/status"), self.info_dir,
+                                self.roots.path(DPKG_DIR + "/diversions")),
+            cachemod.apt_stamp(self.roots.path(LISTS_DIR)))
+        if not all(k in self.entries for keys in got.owners.values() for k in keys):
+            got.owners, got.dirty = {}, True  # names another database: not ours to trust
+        for path, keys in got.owners.items():
+            self._looked.add(path)
+            if keys:
+                self._files[path] = keys[0] if len(keys) == 1 else keys
+        return got
+
+    def cache_update(self) -> Optional[bytes]:
+        """The cache's new content when this scan learned something, else None (nothing to write)."""
+        if self.cache is None or not self.cache.dirty:
+            return None
+        return self.cache.encode()
 
     # ------------------------------------------------------------------ ownership table
     def _key_for_stem(self, stem: str) -> Optional[str]:
@@ -314,7 +340,9 @@ class DpkgIndex(PackageIndex):
         nothing but the answers.
         """
         wanted: Dict[bytes, str] = {}
+        used = self.cache.used if self.cache is not None else set()
         for path in spellings:
+            used.add(path)
             if path in self._looked:
                 continue
             self._looked.add(path)
@@ -327,10 +355,16 @@ class DpkgIndex(PackageIndex):
             return
         start = time.monotonic()
         look = wanted.keys()
+        unreadable = len(self._unreadable)
         for key, data in self._read_lists():
             for line in look & set(data.split(b"\n")):
                 self._record(wanted[line], key)
         self.build_seconds += time.monotonic() - start
+        if self.cache is not None and len(self._unreadable) == unreadable and self._lists:
+            for path in set(wanted.values()):  # only answers that recorded no gap are kept
+                got = self._files.get(path)
+                self.cache.owners[path] = () if got is None else got if isinstance(got, tuple) else (got,)
+            self.cache.dirty = True
         log.debug("dpkg lists scanned wanted=%d found=%d seconds=%.3f",
                   len(wanted), len(self._files), self.build_seconds)
 
@@ -437,7 +471,22 @@ class DpkgIndex(PackageIndex):
         if key in self._origins:
             return self._origins[key]
         pending = {k for k in self._seen | {key} if k not in self._origins}
-        self._origins.update(self._resolve_origins(pending))
+        if self.cache is not None:
+            for k in list(pending):
+                e = self.entries[k]
+                got = self.cache.origins.get((e.name, e.version, e.architecture))
+                if got is not None:
+                    self._origins[k] = got
+                    pending.discard(k)
+        if pending:
+            before = len(self.gaps.coverage.gaps) + self.gaps.coverage.gaps_dropped
+            resolved = self._resolve_origins(pending)
+            self._origins.update(resolved)
+            if self.cache is not None and before == len(self.gaps.coverage.gaps) + self.gaps.coverage.gaps_dropped:
+                for k, origin in resolved.items():  # only answers that recorded no gap are kept
+                    e = self.entries[k]
+                    self.cache.origins[(e.name, e.version, e.architecture)] = origin
+                self.cache.dirty = True
         return self._origins.setdefault(key, "unknown")
 
     def _resolve_origins(self, keys: Iterable[str]) -> Dict[str, str]:
@@ -483,11 +532,16 @@ class DpkgIndex(PackageIndex):
                 if not self.shipped_md5(key, listed):
                     continue
                 host = self._host_file(path)
-                if host not in self._hashing and host not in todo:
+                if host not in self._hashing and host not in todo and host not in self._cached_digest:
                     try:
-                        todo[host] = os.stat(host).st_size
+                        st = os.stat(host)
                     except OSError:
-                        pass  # verify() finds out again and says why
+                        break  # verify() finds out again and says why
+                    digest = self.cache.hash_of(host, st) if self.cache is not None else None
+                    if digest is not None:
+                        self._cached_digest[host] = digest
+                    else:
+                        todo[host] = st.st_size
                 break
         if not todo:
             return
@@ -524,18 +578,23 @@ class DpkgIndex(PackageIndex):
 
     def _hash(self, path: str) -> Optional[str]:
         host = self._host_file(path)
+        digest = self._cached_digest.get(host)
+        if digest is not None:
+            return digest
         pending = self._hashing.pop(host, None)
         try:
             if pending is not None:
-                ck, digest = pending.result()  # type: ignore[attr-defined]  # raises its OSError
+                ck, digest, st = pending.result()  # type: ignore[attr-defined]  # raises its OSError
                 self._hash_cache.setdefault(ck, digest)
             else:
-                ck, digest = _hash_file(host, self._hash_cache)
+                ck, digest, st = _hash_file(host, self._hash_cache)
         except OSError as err:
             if isinstance(from_oserror(err, path), Denied):
                 self.gaps.add("denied", path, "cannot hash it to verify against its package")
             return None  # vanished or unreadable: cannot tell
         self._hash_cache[ck] = digest
+        if self.cache is not None:
+            self.cache.keep_hash(host, st, digest)
         return digest
 
     def _real(self, path: str) -> Optional[str]:
@@ -546,16 +605,19 @@ HASH_THREADS = 2
 HASH_CHUNK_BYTES = 1 << 21  # 2 MiB: each chunk is one GIL hand-off for a hashing thread
 
 
-def _hash_file(host: str, cache: Optional[Dict[Tuple[str, int, int], str]] = None) -> Tuple[Tuple[str, int, int], str]:
-    """((path, size, mtime_ns), md5 hex) of one file; ``cache`` answers an unchanged file without
-    reading it. Raises OSError. Safe on a worker thread (touches no shared state but ``cache``
-    reads)."""
+def _hash_file(host: str, cache: Optional[Dict[Tuple[str, int, int], str]] = None
+               ) -> Tuple[Tuple[str, int, int], str, os.stat_result]:
+    """((path, size, mtime_ns), md5 hex, the file's fstat before reading) of one file; ``cache``
+    answers an unchanged file without reading it. Raises OSError. Safe on a worker thread
+    (touches no shared state but ``cache`` reads)."""
+    import hashlib
+
     with open(host, "rb", buffering=0) as fh:
         st = os.fstat(fh.fileno())
         ck = (host, st.st_size, st.st_mtime_ns)
         got = cache.get(ck) if cache is not None else None
         if got is not None:
-            return ck, got
+            return ck, got, st
         h = hashlib.md5()
         buf = bytearray(min(HASH_CHUNK_BYTES, max(st.st_size, 1)))
         view = memoryview(buf)
@@ -564,4 +626,4 @@ def _hash_file(host: str, cache: Optional[Dict[Tuple[str, int, int], str]] = Non
             if not n:
                 break
             h.update(view[:n])
-    return ck, h.hexdigest()
+    return ck, h.hexdigest(), st

@@ -61,6 +61,10 @@ class PackageIndex:
         """A hint that verify() will be asked about ``paths``: an index may start hashing them in
         the background. Changes no result; the default does nothing."""
 
+    def cache_update(self) -> Optional[bytes]:
+        """New content for the agent's cache of this index's answers, or None (nothing to write)."""
+        return None
+
 
 # ----------------------------------------------------------------------------- path helpers
 def merged_dirs(rootfs: str) -> frozenset:
@@ -175,14 +179,17 @@ def find_rpm_db(roots: Roots) -> Optional[str]:
     return None
 
 
-def open_index(roots: Roots, gaps: GapRecorder) -> Optional[PackageIndex]:
+def open_index(roots: Roots, gaps: GapRecorder, cache_file: str = "") -> Optional[PackageIndex]:
     """The package database of ``roots.rootfs``, or None (with a recorded gap) when there is none
-    or it cannot be read. Never raises for an expected condition: the scan goes on either way."""
+    or it cannot be read. Never raises for an expected condition: the scan goes on either way.
+
+    ``cache_file``: dpkg's earlier answers, used while still valid (``cache.py``); the caller
+    writes back ``index.cache_update()``."""
     status = roots.path("/var/lib/dpkg/status")
     if os.path.exists(status):
         from .dpkg import DpkgIndex
         try:
-            return DpkgIndex(roots, gaps)
+            return DpkgIndex(roots, gaps, cache_file=cache_file)
         except OSError as err:
             kind = "denied" if err.errno in (errno.EACCES, errno.EPERM) else "unreadable"
             gaps.add(kind, "packages", f"dpkg status: {err.strerror or err}")

@@ -20,6 +20,7 @@ a final snapshot, then detach the probes. Logs are one line per event on stderr,
 from __future__ import annotations
 
 import errno
+import gc
 import glob
 import logging
 import os
@@ -122,7 +123,7 @@ class SnapshotWriter:
 
 
 def _trim_heap() -> None:
-    """Give back to the kernel the heap LLVM used to compile the BPF objects (tens of MB)."""
+    """Give back to the kernel the free pages at the top and inside the C heap (malloc_trim)."""
     try:
         import ctypes
 
@@ -446,6 +447,10 @@ class Daemon:
         self.counters["processes_watched"] = len(chosen)
         log.info("rescan processes=%d identities=%d seconds=%.2f%s", len(chosen), len(self.rolling.procs),
                  seconds, " (first)" if first else "")
+        # A rescan's garbage (a whole host's scan, the package index) is gone now: hand the pages
+        # back instead of keeping the high-water mark of every rescan as resident memory.
+        gc.collect()
+        _trim_heap()
 
     def coverage(self) -> Coverage:
         cov = Coverage(privileged=os.geteuid() == 0, mode=self.probes.mode if self.probes else "")

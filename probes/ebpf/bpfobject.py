@@ -129,13 +129,6 @@ class Table:
                 pass
         return self.raw.items()
 
-    def keys(self) -> list:
-        return [self.Key.from_buffer_copy(k) for k in self.raw.keys()]
-
-    def clear(self) -> None:
-        for k in list(self.raw.keys()):
-            self.raw.delete(k)
-
     # --- perf buffers
     def event(self, data):
         if self._event is None:
@@ -199,12 +192,6 @@ class BPFObject:
         key = name.decode() if isinstance(name, bytes) else name
         return self.tables[key]
 
-    def get_table(self, name) -> Table:
-        return self[name]
-
-    def __contains__(self, name) -> bool:
-        return (name.decode() if isinstance(name, bytes) else name) in self.tables
-
     def perf_buffer_poll(self, timeout: int = -1) -> int:
         """Read every ring; with a timeout (ms), wait for data first (the rings wake at a quarter full)."""
         if timeout and self.buffers:
@@ -239,12 +226,6 @@ class BPFObject:
         function = event.decode() if isinstance(event, bytes) else event
         fd = bpfsys.attach_probe("kprobe", self._prog(fn_name), function, 0, retprobe, -1, self.sys_root)
         self.probe_fds[("kprobe", function, "ret" if retprobe else "")] = fd
-
-    def detach_kprobe(self, event=b"") -> None:
-        function = event.decode() if isinstance(event, bytes) else event
-        fd = self.probe_fds.pop(("kprobe", function, ""), None)
-        if fd is not None:
-            os.close(fd)
 
     def _take_fds(self) -> List[int]:
         for table in self.buffers:

@@ -89,13 +89,6 @@ def _facts(sys_root: str, kprobes: bool) -> str:
     return "; ".join(facts)
 
 
-def _bpf_class(bpf_cls):
-    if bpf_cls is not None:
-        return bpf_cls
-    from bcc import BPF  # optional import, inside the probe only
-    return BPF
-
-
 def _load_and_attach(load: Callable[[], int], attach: Callable[[int], int]) -> str:
     """Load a program and attach it, then drop both; "" when both worked, else what the kernel said."""
     try:
@@ -163,11 +156,9 @@ def check_kprobes(sys_root: str = "/sys", function: str = _CHECK_FUNCTION,
     return _check_kprobes_here(sys_root, function, bpf_cls)
 
 
-def _check_kprobes_here(sys_root: str, function: str, bpf_cls=None) -> Optional[str]:
-    try:
-        BPF = _bpf_class(bpf_cls)
-    except ImportError:
-        return "kprobes unavailable: bcc is not installed (Debian: python3-bpfcc)"
+def _check_kprobes_here(sys_root: str, function: str, bpf_cls) -> Optional[str]:
+    """The kprobe check through a bcc-shaped ``bpf_cls`` (the tests' fake: this kernel refuses kprobes)."""
+    BPF = bpf_cls
     bpf = None
     err_text = ""
     with _captured_stderr() as cap:
@@ -197,11 +188,9 @@ def check_fentry(sys_root: str = "/sys", function: str = _CHECK_FUNCTION,
     return _check_fentry_here(sys_root, function, bpf_cls)
 
 
-def _check_fentry_here(sys_root: str, function: str, bpf_cls=None) -> Optional[str]:
-    try:
-        BPF = _bpf_class(bpf_cls)
-    except ImportError:
-        return "fentry unavailable: bcc is not installed (Debian: python3-bpfcc)"
+def _check_fentry_here(sys_root: str, function: str, bpf_cls) -> Optional[str]:
+    """The fentry check through a bcc-shaped ``bpf_cls`` (the tests' fake)."""
+    BPF = bpf_cls
     try:
         supported = BPF.support_kfunc()
     except Exception:

@@ -45,6 +45,7 @@ ATTACH_TARGET_S = 5.0
 SIZE_TARGET = 0.01
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+FLOOR_PROBE = os.path.join(REPO, "benchmarks", "floor_probe.py")
 CAPTURE_THREAD = "asbuilt-capture"  # the capture probe names its thread (prctl PR_SET_NAME)
 CAPTURE_RATIO_TARGET = 0.97  # throughput with capture / without (--no-capture)
 CAPTURE_CPU_TARGET_PCT = 15.0
@@ -355,6 +356,10 @@ def build_modes(args, pid: int) -> List[Mode]:
                                                         "--progress", "-o", os.path.join(tmp, f"{tag}.msgpack")]
                     + extra, asbuilt_ready, asbuilt=True, flags=flags)
 
+    def floor_mode(key: str, label: str, which: str) -> Mode:
+        return Mode(key, label, lambda tmp, tag: [sys.executable, FLOOR_PROBE, which],
+                    lambda s, line: s == "stderr" and line.startswith("floor_probe: attached"))
+
     known: Dict[str, Mode] = {
         "untraced": Mode("untraced", "untraced"),
         "asbuilt": asbuilt_mode("asbuilt", "asbuilt trace", ""),
@@ -362,6 +367,11 @@ def build_modes(args, pid: int) -> List[Mode]:
         "strace": Mode("strace", "strace -f",
                        lambda tmp, tag: [args.strace, "-f", "-o", os.path.join(tmp, f"{tag}.strace"), "-p", str(pid)],
                        lambda s, line: s == "stderr" and "attached" in line, n_div=args.strace_div),
+        # do-nothing programs where asbuilt's probes attach: what the kernel's tracepoint dispatch alone costs
+        "floor-tp": floor_mode("floor-tp", "floor: 1 null syscall tracepoint", "tp-enter"),
+        "floor-raw": floor_mode("floor-raw", "floor: null raw sys_enter", "raw-enter"),
+        "floor-raw2": floor_mode("floor-raw2", "floor: null raw sys_enter+sys_exit", "raw-both"),
+        "floor-set": floor_mode("floor-set", "floor: null progs, default probe set", "probe-set"),
         "syscount": Mode("syscount", "syscount-bpfcc",
                          lambda tmp, tag: [args.syscount, "-p", str(pid)],
                          lambda s, line: s == "stdout" and line.startswith("Tracing syscalls"),
@@ -606,6 +616,14 @@ def verdicts(rows: Dict[str, dict], size: Optional[dict]) -> List[dict]:
         None if ratio is None else ratio >= THROUGHPUT_TARGET,
         f"median {a['median_rps'] or 0:.0f} vs {rows['untraced']['median_rps'] or 0:.0f} req/s = "
         f"{(ratio or 0):.1%}")
+    floors = [(rows[k]["label"], rows[k]["ratio"]) for k in ("floor-tp", "floor-raw", "floor-raw2", "floor-set")
+              if rows.get(k, {}).get("ratio") is not None]
+    if floors:
+        below = [f for f in floors if f[1] < THROUGHPUT_TARGET]
+        add(f"floor: do-nothing programs where the probes attach keep >= {THROUGHPUT_TARGET:.0%} (is the target "
+            "reachable here at all?)", not below,
+            "; ".join(f"{label.split(': ', 1)[-1]} {ratio:.1%}" for label, ratio in floors)
+            + (" -- below the target, so no probe attached there can meet it on this host" if below else ""))
     nc = rows.get("asbuilt-no-capture")
     if nc is not None and nc.get("ratio") is not None:
         add(f"throughput >= {THROUGHPUT_TARGET:.0%} of untraced with --no-capture (information)",
@@ -723,12 +741,12 @@ def print_report(res: dict) -> None:
 # ========================================================================================== main
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="asbuilt trace overhead on redis vs strace -f and syscount")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=10.0, help="size each untraced run to about this long")
     p.add_argument("-n", "--requests", type=int, default=0, help="requests per test (overrides --seconds)")
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--tests", default="get,set,incr,lpush")
-    p.add_argument("--modes", default="untraced,asbuilt,asbuilt-no-capture,strace,syscount")
+    p.add_argument("--modes", default="untraced,asbuilt,asbuilt-no-capture,strace,syscount,floor-tp,floor-raw,floor-raw2,floor-set")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="an extra asbuilt row with these trace flags, e.g. nebpf='--no-ebpf --no-capture'")
     p.add_argument("--strace-div", type=int, default=20, help="strace runs use N / this many requests")

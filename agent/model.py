@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .errors import ProfileError
 
@@ -400,6 +400,45 @@ def to_dict(obj: Any) -> Any:
             continue
         out[name] = value if isinstance(value, _PRIMITIVES) else to_dict(value)
     return out
+
+
+# msgpack's packer walks lists, dicts and primitives in C and calls back only for model objects:
+# one generated function per class turns an object into the same dict to_dict makes, without
+# to_dict's per-value recursion and type tests in Python (about twice as fast over a whole host).
+_ENCODERS: Dict[type, Callable[[Any], dict]] = {}
+
+
+def _str_keys(value: dict) -> dict:
+    return value if all(type(k) is str for k in value) else {str(k): v for k, v in value.items()}
+
+
+def _encoder(cls: type) -> Callable[[Any], dict]:
+    """The generated ``obj -> dict`` of one model class (fields at their default left out, as to_dict)."""
+    enc = _ENCODERS.get(cls)
+    if enc is not None:
+        return enc
+    env: Dict[str, Any] = {"_ALWAYS": _ALWAYS, "_str_keys": _str_keys}
+    lines = ["def enc(o):", "    d = {}"]
+    for i, (name, default) in enumerate(_plan(cls)):
+        env[f"D{i}"] = default
+        lines.append(f"    v = o.{name}")
+        value = "_str_keys(v)" if isinstance(default, dict) else "v"
+        if default is _ALWAYS:
+            lines.append(f"    d[{name!r}] = {value}")
+        else:
+            lines.append(f"    if v is not D{i} and v != D{i}:")
+            lines.append(f"        d[{name!r}] = {value}")
+    lines.append("    return d")
+    exec("\n".join(lines), env)  # noqa: S102 - text built from the class's own field names
+    enc = _ENCODERS[cls] = env["enc"]
+    return enc
+
+
+def msgpack_default(obj: Any) -> Any:
+    """msgpack ``default=`` hook: model objects as to_dict would render them (tuples pack as arrays)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _encoder(type(obj))(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
 _HINTS: Dict[type, Dict[str, Any]] = {}

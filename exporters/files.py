@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from ..agent.errors import WriteError
-from ..agent.model import Profile, to_dict
+from ..agent.model import Profile, msgpack_default, to_dict
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -55,11 +55,11 @@ def format_for(path: str) -> str:
 
 
 def encode_profile(profile: Profile, fmt: str) -> bytes:
-    data: Any = to_dict(profile)
     if fmt == "json":
-        return (json.dumps(data, indent=1, sort_keys=False) + "\n").encode()
-    # paths are kept byte-exact: undecodable bytes travel as surrogate escapes
-    return msgpack.packb(data, use_bin_type=True, unicode_errors="surrogateescape")
+        return (json.dumps(to_dict(profile), indent=1, sort_keys=False) + "\n").encode()
+    # paths are kept byte-exact: undecodable bytes travel as surrogate escapes; model objects are
+    # rendered by msgpack_default as the packer meets them (the same maps to_dict would make)
+    return msgpack.packb(profile, use_bin_type=True, unicode_errors="surrogateescape", default=msgpack_default)
 
 
 def write_profile(profile: Profile, path: str, fmt: str = "") -> None:

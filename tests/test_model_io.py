@@ -136,3 +136,30 @@ def test_undecodable_path_bytes_round_trip(fmt):
     odd = b"/srv/caf\xe9.conf".decode("utf-8", "surrogateescape")  # as procfs readers decode
     p = Profile(processes=[Process(pid=1, files=[FileRef(path=odd, kind="config")])])
     assert parse_profile(encode_profile(p, fmt)).processes[0].files[0].path == odd
+
+
+def _packed_via_to_dict(p: Profile) -> bytes:
+    return msgpack.packb(to_dict(p), use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def test_msgpack_encoder_is_byte_identical_to_to_dict_on_a_real_scan():
+    """encode_profile's generated per-class encoders (msgpack default hook) write exactly the bytes
+    of to_dict + packb: on the sample, on odd values and on a real scan of this host."""
+    from asbuilt.agent.scan import scan
+    from asbuilt.probes.base import Context, Roots
+
+    odd = b"/srv/caf\xe9.conf".decode("utf-8", "surrogateescape")
+    edge = Profile(processes=[Process(pid=1, files=[FileRef(path=odd, kind="config")], env={"LANG": "C"},
+                                      peers=[Peer(address="::1", port=0, bytes_sent=0, names=[])])])
+    ctx = Context(roots=Roots(proc="/proc", sys="/sys", rootfs="/"))
+    ctx.options.update(packages=True, verify=False, cache_dir="")
+    real = scan(ctx)
+    assert len(real.processes) > 5
+    for p in (sample(), edge, real, Profile()):
+        assert encode_profile(p, "msgpack") == _packed_via_to_dict(p)
+
+
+def test_msgpack_encoder_refuses_what_is_not_a_model_object():
+    p = Profile(processes=[Process(pid=1, env={"X": object()})])
+    with pytest.raises(TypeError):
+        encode_profile(p, "msgpack")

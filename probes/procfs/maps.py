@@ -10,11 +10,17 @@ files, and is a pseudo-name for special mappings: ``[heap]``, ``[stack]``, ``[vd
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import os
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Optional
 
+from ...agent.errors import from_oserror
 from ._io import pid_path, read_records
 from .links import DELETED_SUFFIX, Link
 
@@ -110,8 +116,12 @@ def parse_mapped_files(text: str) -> MappedFiles:
     (3.5x faster than building every entry), and only the distinct paths are looked at. Paths
     are interned, so the thousand processes that map libc share one string.
     """
+    return _mapped_from_raw(dict.fromkeys(_PATH_LINE.findall(text)))
+
+
+def _mapped_from_raw(raws) -> MappedFiles:
     out = MappedFiles()
-    for raw in dict.fromkeys(_PATH_LINE.findall(text)):  # distinct, in first-mapped order
+    for raw in raws:  # distinct, in first-mapped order
         if raw.endswith(DELETED_SUFFIX):
             path, deleted = raw[: -len(DELETED_SUFFIX)], True
         else:
@@ -123,9 +133,70 @@ def parse_mapped_files(text: str) -> MappedFiles:
     return out
 
 
+# PROCMAP_QUERY (Linux 6.11+, include/uapi/linux/fs.h): an ioctl on an open /proc/PID/maps that
+# answers one mapping at a time in binary, with its file's path. Asked for file-backed mappings
+# only, it skips the anonymous ones and all of the text formatting: over 1,000 processes it is
+# ~0.2 s of CPU against ~0.3 s for reading and parsing the text.
+_QUERY = struct.Struct("=9Q4I2Q")  # struct procmap_query: size .. inode, dev_major/minor, name/build-id sizes, addrs
+PROCMAP_QUERY = (3 << 30) | (_QUERY.size << 16) | (ord("f") << 8) | 17  # _IOWR('f', 17, struct procmap_query)
+_QUERY_FLAGS = 0x10 | 0x20  # PROCMAP_QUERY_COVERING_OR_NEXT_VMA | PROCMAP_QUERY_FILE_BACKED_VMA
+_NAME_MAX = 4096
+_UNSUPPORTED = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENAMETOOLONG, errno.E2BIG)
+
+
+def query_mapped_paths(fd: int) -> Optional[List[str]]:
+    """The distinct file-backed mapping paths of an open maps file, in address order, as maps
+    would print them (" (deleted)" suffix included); None when the kernel (or the file: a captured
+    tree) does not answer PROCMAP_QUERY, and the text must be read instead."""
+    name = ctypes.create_string_buffer(_NAME_MAX)
+    addr_of_name = ctypes.addressof(name)
+    buf = bytearray(_QUERY.size)
+    pack, unpack, ioctl = _QUERY.pack_into, _QUERY.unpack_from, fcntl.ioctl
+    seen: Dict[str, None] = {}
+    addr, last = 0, None
+    while True:
+        pack(buf, 0, _QUERY.size, _QUERY_FLAGS, addr, 0, 0, 0, 0, 0, 0, 0, 0, _NAME_MAX, 0, addr_of_name, 0)
+        try:
+            ioctl(fd, PROCMAP_QUERY, buf, True)
+        except OSError as err:
+            if err.errno == errno.ENOENT:  # no mapping at or after addr: done
+                break
+            if err.errno == errno.ESRCH:  # the process has no memory any more (exiting, zombie)
+                break
+            if err.errno in _UNSUPPORTED or not seen:
+                return None
+            raise
+        fields = unpack(buf, 0)
+        end, key = fields[4], (fields[8], fields[9], fields[10])  # inode, dev major, minor
+        if end <= addr:
+            return None  # not moving forward: do not trust it
+        addr = end
+        if key == last:
+            continue  # the next segment of the same file (text, data, bss ...)
+        last = key
+        size = fields[11]
+        seen.setdefault(os.fsdecode(ctypes.string_at(addr_of_name, size - 1)) if size > 0 else "")
+    return list(seen)
+
+
 def read_mapped_files(proc_root: str, pid: int) -> MappedFiles:
-    """Read ``/proc/PID/maps`` and return its distinct mapped files."""
-    return parse_mapped_files(read_records(pid_path(proc_root, pid, "maps")))
+    """The distinct mapped files of ``/proc/PID/maps``: by PROCMAP_QUERY where the kernel answers it,
+    else from the text."""
+    path = pid_path(proc_root, pid, "maps")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise from_oserror(err, path) from err
+    try:
+        try:
+            raws = query_mapped_paths(fd)
+        except OSError as err:
+            raise from_oserror(err, path) from err
+    finally:
+        os.close(fd)
+    if raws is None:
+        return parse_mapped_files(read_records(path))
+    return _mapped_from_raw(raw for raw in raws if raw)
 
 
 def read_maps(proc_root: str, pid: int) -> List[MapEntry]:

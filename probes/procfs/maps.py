@@ -155,7 +155,9 @@ def query_mapped_paths(fd: int) -> Optional[List[str]]:
     seen: Dict[str, None] = {}
     addr, last = 0, None
     while True:
-        pack(buf, 0, _QUERY.size, _QUERY_FLAGS, addr, 0, 0, 0, 0, 0, 0, 0, 0, _NAME_MAX, 0, addr_of_name, 0)
+        # first without the name (no d_path in the kernel): most mappings are the next segment
+        # (text, data, bss ...) of the file just seen; the name is asked for only for a new file
+        pack(buf, 0, _QUERY.size, _QUERY_FLAGS, addr, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         try:
             ioctl(fd, PROCMAP_QUERY, buf, True)
         except OSError as err:
@@ -170,12 +172,16 @@ def query_mapped_paths(fd: int) -> Optional[List[str]]:
         end, key = fields[4], (fields[8], fields[9], fields[10])  # inode, dev major, minor
         if end <= addr:
             return None  # not moving forward: do not trust it
+        if key != last:
+            last = key
+            pack(buf, 0, _QUERY.size, _QUERY_FLAGS, addr, 0, 0, 0, 0, 0, 0, 0, 0, _NAME_MAX, 0, addr_of_name, 0)
+            ioctl(fd, PROCMAP_QUERY, buf, True)
+            fields = unpack(buf, 0)
+            if (fields[8], fields[9], fields[10]) != key or fields[4] != end:
+                return None  # the mappings changed between the two questions: read the text
+            size = fields[11]
+            seen.setdefault(os.fsdecode(ctypes.string_at(addr_of_name, size - 1)) if size > 0 else "")
         addr = end
-        if key == last:
-            continue  # the next segment of the same file (text, data, bss ...)
-        last = key
-        size = fields[11]
-        seen.setdefault(os.fsdecode(ctypes.string_at(addr_of_name, size - 1)) if size > 0 else "")
     return list(seen)
 
 

@@ -436,9 +436,12 @@ def _encoder(cls: type) -> Callable[[Any], dict]:
 
 def msgpack_default(obj: Any) -> Any:
     """msgpack ``default=`` hook: model objects as to_dict would render them (tuples pack as arrays)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _encoder(type(obj))(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
+    enc = _ENCODERS.get(type(obj))
+    if enc is None:
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            raise TypeError(f"cannot serialise {type(obj).__name__}")
+        enc = _encoder(type(obj))
+    return enc(obj)
 
 
 _HINTS: Dict[type, Dict[str, Any]] = {}

@@ -180,7 +180,8 @@ def query_mapped_paths(fd: int) -> Optional[List[str]]:
             if (fields[8], fields[9], fields[10]) != key or fields[4] != end:
                 return None  # the mappings changed between the two questions: read the text
             size = fields[11]
-            seen.setdefault(os.fsdecode(ctypes.string_at(addr_of_name, size - 1)) if size > 0 else "")
+            seen.setdefault(ctypes.string_at(addr_of_name, size - 1).decode("utf-8", "surrogateescape")
+                           if size > 0 else "")  # as _io decodes the text
         addr = end
     return list(seen)
 

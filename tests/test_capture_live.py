@@ -282,20 +282,26 @@ def test_postgresql_startup():
 
 
 # --------------------------------------------------------------------------------------- DNS
+def _dns_exchange(client: socket.socket, server: socket.socket, qid: int, name: bytes, address: str) -> None:
+    """``client`` asks ``server`` (a UDP socket bound on port 53) for the A record of ``name``;
+    the server answers it with ``address``."""
+    qname = b"".join(bytes([len(label)]) + label for label in name.split(b".")) + b"\0"
+    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+    client.sendto(query, server.getsockname())
+    server.settimeout(5)
+    data, addr = server.recvfrom(512)
+    answer = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + data[12:] + \
+        struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(address)
+    server.sendto(answer, addr)
+
+
 def test_dns_query_and_answer():
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.77", 53))
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         with capture([("udp", 53)], listening=[]) as probe:
-            qname = b"".join(bytes([len(l)]) + l for l in b"db.asbuilt.test".split(b".")) + b"\0"
-            query = struct.pack("!HHHHHH", 0xBEEF, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
-            client.sendto(query, ("127.0.0.77", 53))
-            server.settimeout(5)
-            data, addr = server.recvfrom(512)
-            answer = struct.pack("!HHHHHH", 0xBEEF, 0x8180, 1, 1, 0, 0) + data[12:] + \
-                struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("10.199.0.9")
-            server.sendto(answer, addr)
+            _dns_exchange(client, server, 0xBEEF, b"db.asbuilt.test", "10.199.0.9")
             client.settimeout(5)
             client.recvfrom(512)
             peer = wait_peer(probe, lambda p: p.protocol == "dns" and p.details.get("message") == "response")
@@ -418,14 +424,7 @@ def test_unknown_flood_given_up_then_only_dns_inbound():
             server.bind(("127.0.0.78", 53))
             client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                qname = b"".join(bytes([len(l)]) + l for l in b"late.asbuilt.test".split(b".")) + b"\0"
-                query = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
-                client.sendto(query, ("127.0.0.78", 53))
-                server.settimeout(5)
-                data, addr = server.recvfrom(512)
-                answer = struct.pack("!HHHHHH", 7, 0x8180, 1, 1, 0, 0) + data[12:] + \
-                    struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("10.199.0.10")
-                server.sendto(answer, addr)
+                _dns_exchange(client, server, 7, b"late.asbuilt.test", "10.199.0.10")
                 wait_until(lambda: "late.asbuilt.test" in probe.sniffer._names)
             finally:
                 server.close()

@@ -39,6 +39,7 @@ from asbuilt.agent.store import load_profile
 from asbuilt.exporters import seccomp as sc
 from asbuilt.exporters import security_groups as sg
 from asbuilt.exporters.files import write_profile
+from conftest import ECHO_SERVER
 
 PY = "/usr/bin/python3"
 AWS_DESC = re.compile(r"^[a-zA-Z0-9. _\-:/()#,@\[\]+=&;{}!$*]{0,255}$")
@@ -154,20 +155,6 @@ def test_sg_real_trace_profile_cli(real_profiles, tmp_path):
     assert "# ==> security-groups.tf <==" in r.stdout and "# ==> egress.json <==" in r.stdout
 
 
-ECHO = textwrap.dedent("""
-    import socket, sys, threading
-    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], 0)); s.listen(16); print(s.getsockname()[1], flush=True)
-    def serve(c):
-        while True:
-            d = c.recv(4096)
-            if not d: return
-            c.sendall(d)
-    while True:
-        c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-""")
-
 APP = textwrap.dedent("""
     import socket, sys, threading
     backend = (sys.argv[1], int(sys.argv[2]))
@@ -249,7 +236,7 @@ def test_sg_live_trace_network_clients_and_backend(tmp_path, netns_pair):
     n = netns_pair
     procs = []
     try:
-        backend = subprocess.Popen(["ip", "netns", "exec", n["ns"], PY, "-c", ECHO, n["theirs4"]],
+        backend = subprocess.Popen(["ip", "netns", "exec", n["ns"], PY, "-c", ECHO_SERVER, n["theirs4"]],
                                    stdout=subprocess.PIPE, text=True)
         procs.append(backend)
         backend_port = int(backend.stdout.readline())

@@ -22,6 +22,7 @@ import uuid
 import pytest
 
 from asbuilt.agent.store import load_profile
+from conftest import ECHO_SERVER
 
 PY = "/usr/bin/python3"
 SECRET = "tok-SECRET-4242"
@@ -52,19 +53,6 @@ HELPER = textwrap.dedent("""
     time.sleep(hold)
     print("done", flush=True)
     sys.stdin.readline()                       # hold connections open until the test ends
-""")
-
-ECHO = textwrap.dedent("""
-    import socket, sys, threading
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], 0)); s.listen(16); print(s.getsockname()[1], flush=True)
-    def serve(c):
-        while True:
-            d = c.recv(4096)
-            if not d: return
-            c.sendall(d)
-    while True:
-        c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 """)
 
 
@@ -106,9 +94,9 @@ def network(hosts_entry):
         for cmd in (["ip", "addr", "add", theirs + "/30", "dev", veth + "p"],
                     ["ip", "link", "set", veth + "p", "up"], ["ip", "link", "set", "lo", "up"]):
             subprocess.run(["ip", "netns", "exec", ns] + cmd, check=True)
-        local, port1 = _start_server([PY, "-c", ECHO, "127.0.0.77"])
+        local, port1 = _start_server([PY, "-c", ECHO_SERVER, "127.0.0.77"])
         procs.append(local)
-        remote, port2 = _start_server(["ip", "netns", "exec", ns, PY, "-c", ECHO, theirs])
+        remote, port2 = _start_server(["ip", "netns", "exec", ns, PY, "-c", ECHO_SERVER, theirs])
         procs.append(remote)
         yield dict(port1=port1, port2=port2, ns_addr=theirs)
     finally:

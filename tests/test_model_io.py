@@ -15,6 +15,7 @@ from asbuilt.agent.model import (SCHEMA_VERSION, FileRef, Host, Peer, Process, P
                                  profile_from_dict, to_dict)
 from asbuilt.agent.store import load_profile, parse_profile
 from asbuilt.exporters.files import atomic_write, encode_profile, write_profile
+from conftest import ECHO_SERVER
 
 
 def sample() -> Profile:
@@ -153,8 +154,20 @@ def test_msgpack_encoder_is_byte_identical_to_to_dict_on_a_real_scan():
                                       peers=[Peer(address="::1", port=0, bytes_sent=0, names=[])])])
     ctx = Context(roots=Roots(proc="/proc", sys="/sys", rootfs="/"))
     ctx.options.update(packages=True, verify=False, cache_dir="")
-    real = scan(ctx)
-    assert len(real.processes) > 5
+    # A CI container may run only a handful of processes: start a listener and a few sleepers of our
+    # own so the real scan carries sockets, libraries and files whatever the host runs.
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "127.0.0.1"], stdout=subprocess.PIPE, text=True)
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(4)]
+    try:
+        server.stdout.readline()
+        real = scan(ctx)
+    finally:
+        for p in (server, *sleepers):
+            p.kill()
+            p.wait()
+    assert {server.pid, *(p.pid for p in sleepers)} <= {p.pid for p in real.processes}
+    mine = next(p for p in real.processes if p.pid == server.pid)
+    assert mine.sockets and mine.libraries
     for p in (sample(), edge, real, Profile()):
         assert encode_profile(p, "msgpack") == _packed_via_to_dict(p)
 

@@ -539,7 +539,7 @@ from asbuilt.probes.packages import cache as cachemod  # noqa: E402
 CACHE_PATHS = ("/bin/tool", "/usr/bin/tool", "/usr/bin/tool.distrib", "/usr/bin/other", "/bin/other",
                "/usr/lib/x86_64-linux-gnu/libtiny.so.1", "/lib/x86_64-linux-gnu/libtiny.so.1.2.3",
                "/lib/i386-linux-gnu/libtiny.so.1.2.3", "/usr/share", "/etc/conf.conf", "/etc/local.conf",
-               "/etc/gone.conf", "/usr/bin/stale", "/usr/bin/broken", "/nope")
+               "/etc/gone.conf", "/usr/bin/stale", "/usr/bin/broken", "/nope", "/srv/app/new.log")
 
 
 def _answers(rootfs, cache_file=""):
@@ -611,6 +611,7 @@ def test_cache_is_dropped_when_dpkg_or_a_file_changes(tmp_path, monkeypatch):
     b"\xde\x00",  # truncated
     None,  # a well-formed cache of another version
     "wrong-types",  # a cache whose parts have the wrong types
+    "wrong-dirs",  # a directory list that is not a bytes blob
     "foreign-owner",  # valid stamps but an owner this database does not have
 ])
 def test_corrupt_or_foreign_cache_is_harmless(tmp_path, monkeypatch, content):
@@ -624,6 +625,8 @@ def test_corrupt_or_foreign_cache_is_harmless(tmp_path, monkeypatch, content):
         content = msgpack.packb(dict(good, version=cachemod.VERSION + 1))
     elif content == "wrong-types":
         content = msgpack.packb(dict(good, owners={"/bin/tool": 3}, hashes=[1, 2]))
+    elif content == "wrong-dirs":
+        content = msgpack.packb(dict(good, dirs=["/usr/bin"]))
     elif content == "foreign-owner":
         content = msgpack.packb(dict(good, owners={"/nope": ["evilpkg"]}))
     with open(cf, "wb") as fh:
@@ -666,3 +669,38 @@ def test_cache_keeps_only_this_scans_paths_past_its_bound(tmp_path, monkeypatch)
     kept = msgpack.unpackb(idx.cache_update(), raw=False)["owners"]
     assert not [p for p in kept if p.startswith("/tmp/gone")]
     assert "/usr/bin/other" in kept
+
+
+def test_new_paths_outside_listed_directories_need_no_pass_and_no_cache_write(tmp_path, monkeypatch):
+    """With the cache's directory set, a path whose directory no list names (a temp file, a new log)
+    is unowned at once: no list is read and the cache stays as it is. A new path in a listed
+    directory is still looked up (and kept)."""
+    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
+    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    _, idx = _answers(root, cf)
+    assert idx._dirs and b"/usr/bin" in idx._dirs and b"/srv/app" not in idx._dirs
+    with open(cf, "wb") as fh:
+        fh.write(idx.cache_update())
+
+    cov, gaps = new_gaps()
+    warm = dpkg.DpkgIndex(Roots(rootfs=root), gaps, cache_file=cf)
+    fresh = ["/tmp/tool-8f3a/stdout", "/srv/app/2026-11-23.log", "/var/tmp/x/y"]
+    assert warm.owners(fresh) == {p: None for p in fresh}
+    assert warm.build_seconds == 0.0 and warm.cache_update() is None
+
+    plain = dpkg.DpkgIndex(Roots(rootfs=root), new_gaps()[1])  # no cache: the lists decide
+    asked = ["/usr/bin/brand-new", "/usr/bin/other"]
+    assert plain.owners(asked) == warm.owners(asked) == {"/usr/bin/brand-new": None, "/usr/bin/other": "tinyutils"}
+    assert warm.build_seconds > 0.0 and warm.cache_update() is not None  # a listed directory: looked up
+
+
+def test_directory_set_is_not_kept_when_a_list_is_unreadable(tmp_path):
+    root = _copy_fixture(tmp_path)
+    os.chmod(os.path.join(root, "var/lib/dpkg/info/confpkg.list"), 0)
+    cov, gaps = new_gaps()
+    idx = dpkg.DpkgIndex(Roots(rootfs=root), gaps, cache_file=str(tmp_path / "c.msgpack"))
+    idx.owners(["/usr/bin/tool"])
+    if os.geteuid() == 0:  # root reads a mode-0 file: nothing was unreadable, the set is whole
+        assert idx._dirs is not None
+    else:
+        assert idx._dirs is None and idx.cache.dirs is None

@@ -234,3 +234,36 @@ def test_non_root_read_of_root_process_records_denied():
     assert got["missing"] == []
     # what is world-readable was still read: the scan went on
     assert got["uid"] == 0 and got["cmdline"] and got["cgroup"].startswith("/") and got["limits"] >= 16
+
+
+MODES_CHILD = r"""
+import os, sys, time
+d = sys.argv[1]
+fds = {"r": os.open(d + "/r", os.O_RDONLY), "w": os.open(d + "/w", os.O_WRONLY),
+       "rw": os.open(d + "/rw", os.O_RDWR), "wa": os.open(d + "/wa", os.O_WRONLY | os.O_APPEND),
+       "rwa": os.open(d + "/rwa", os.O_RDWR | os.O_APPEND), "path": os.open(d + "/path", os.O_PATH)}
+print(" ".join(f"{k}={v}" for k, v in fds.items()), flush=True)
+time.sleep(60)
+"""
+
+
+def test_access_modes_from_fd_link_bits_match_fdinfo(tmp_path):
+    """Read-only descriptors take their mode from the fd link's permission bits (no fdinfo read);
+    the others from fdinfo: every mode comes out as fdinfo's flags say."""
+    for name in ("r", "w", "rw", "wa", "rwa", "path"):
+        (tmp_path / name).write_text("x\n")
+    proc = subprocess.Popen([sys.executable, "-c", MODES_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        fds = dict((k, int(v)) for k, v in (kv.split("=") for kv in proc.stdout.readline().split()))
+        info = read_process(PROC, proc.pid)
+        by_fd = {e.fd: e for e in info.fds}
+        for name, fd in fds.items():
+            want = fdmod.read_fdinfo(PROC, proc.pid, fd).flags
+            got = by_fd[fd].flags
+            assert fdmod.mode(got) == fdmod.mode(want), name
+            if name != "path":
+                assert fdmod.mode(got) == name
+        assert by_fd[fds["r"]].pos is None  # taken from the link's mode: fdinfo not read
+        assert by_fd[fds["wa"]].pos == 0 and by_fd[fds["path"]].flags == fdmod.read_fdinfo(PROC, proc.pid, fds["path"]).flags
+    finally:
+        _stop(proc)

@@ -8,6 +8,11 @@ computed from is unchanged, and otherwise recomputed exactly as without a cache:
   (owner keys in list order, or none). Valid while the *dpkg stamp* matches: ``status``
   (mtime, size, inode), the ``info`` directory (mtime, inode: dpkg writes every list by a rename
   into it) and ``diversions``.
+- ``dirs``: the parent directory of every path any list names (one bytes blob, sorted, joined by
+  newlines; ~14,000 directories, ~0.8 MB on a Debian 12 host). A path whose directory is not in
+  it is in no list, so it needs no pass over the lists and no ``owners`` entry: the new temp and
+  log files every scan meets cost nothing and leave the cache unchanged. Valid while the
+  *dpkg stamp* matches.
 - ``origins``: the archive of each (name, version, architecture). Valid while the *apt stamp*
   matches: name, mtime and size of every file in ``/var/lib/apt/lists``.
 - ``hashes``: the md5 of each hashed file, valid while the file's (size, mtime, ctime, inode,
@@ -79,8 +84,17 @@ class IndexCache:
         self.owners: Dict[str, Tuple[str, ...]] = {}
         self.origins: Dict[Tuple[str, str, str], str] = {}
         self.hashes: Dict[str, Tuple[List[int], str]] = {}
+        self.dirs: Optional[bytes] = None  # see the module docstring; None until a full pass made it
         self.dirty = False
         self.used: set = set()  # spellings and files this scan asked about
+
+    def dir_set(self) -> Optional[set]:
+        """``dirs`` as a set of (bytes) directories; None when the cache has none."""
+        return None if self.dirs is None else set(self.dirs.split(b"\n"))
+
+    def keep_dirs(self, dirs: set) -> None:
+        self.dirs = b"\n".join(sorted(dirs))
+        self.dirty = True
 
     def _dirty(self) -> "IndexCache":
         self.dirty = True
@@ -99,6 +113,7 @@ class IndexCache:
         return msgpack.packb({
             "version": VERSION, "dpkg": self.dpkg, "apt": self.apt,
             "owners": {k: list(v) for k, v in self.owners.items()},
+            "dirs": self.dirs,
             "origins": [[n, v, a, o] for (n, v, a), o in self.origins.items()],
             "hashes": {k: [stamp, digest] for k, (stamp, digest) in self.hashes.items()},
         }, use_bin_type=True, unicode_errors="surrogateescape")
@@ -130,7 +145,10 @@ class IndexCache:
                         not all(isinstance(k, str) for k in keys):
                     raise ValueError("owners")
                 owners[path] = tuple(keys)
-            self.owners = owners
+            dirs = data.get("dirs")
+            if dirs is not None and not isinstance(dirs, bytes):
+                raise ValueError("dirs")
+            self.owners, self.dirs = owners, dirs
         else:
             self.dirty = True
         if data.get("apt") == self.apt:

@@ -228,6 +228,9 @@ class DpkgIndex(PackageIndex):
         self._files: Dict[str, object] = {}
         self._complete = False
         self._looked: Set[str] = set()  # spellings a targeted scan looked for, owned or not
+        # The parent directory (bytes) of every path any list names: a path elsewhere is in no
+        # list (see _prefetch). None until a full pass over the lists (or the cache) gave it.
+        self._dirs: Optional[Set[bytes]] = None
         self._lists: Optional[List[Tuple[str, str, str]]] = None  # (key, stem, file) of every list
         self._list_stem: Dict[str, str] = {}
         self._list_mtime: Dict[str, Optional[float]] = {}
@@ -262,6 +265,7 @@ class DpkgIndex(PackageIndex):
             self._looked.add(path)
             if keys:
                 self._files[path] = keys[0] if len(keys) == 1 else keys
+        self._dirs = got.dir_set()
         return got
 
     def cache_update(self) -> Optional[bytes]:
@@ -353,14 +357,30 @@ class DpkgIndex(PackageIndex):
                 wanted[b"/."] = path  # how lists spell the root
         if not wanted or self._complete:
             return
+        dirs = self._dirs
+        if dirs is not None:
+            # A path is a line of some list only if its directory is the directory of some line:
+            # the others (temp files, new logs, a tool's own files) are unowned without a pass.
+            wanted = {k: v for k, v in wanted.items() if k.rpartition(b"/")[0] in dirs}
+            if not wanted:
+                return
         start = time.monotonic()
         look = wanted.keys()
         unreadable = len(self._unreadable)
+        found_dirs: Optional[Set[bytes]] = set() if dirs is None else None
         for key, data in self._read_lists():
-            for line in look & set(data.split(b"\n")):
+            lines = data.split(b"\n")
+            for line in look & set(lines):
                 self._record(wanted[line], key)
+            if found_dirs is not None:
+                found_dirs.update([line.rpartition(b"/")[0] for line in lines if line[:1] == b"/"])
         self.build_seconds += time.monotonic() - start
-        if self.cache is not None and len(self._unreadable) == unreadable and self._lists:
+        complete = len(self._unreadable) == unreadable and bool(self._lists)  # no list was unreadable
+        if found_dirs is not None and complete:
+            self._dirs = found_dirs
+            if self.cache is not None:
+                self.cache.keep_dirs(found_dirs)
+        if self.cache is not None and complete:
             for path in set(wanted.values()):  # only answers that recorded no gap are kept
                 got = self._files.get(path)
                 self.cache.owners[path] = () if got is None else got if isinstance(got, tuple) else (got,)

@@ -14,10 +14,14 @@ fd, cgroup, limits); this module only orders the reads and applies the semantics
 
 Kernel threads (``PF_KTHREAD``) have no executable, environment, mappings or descriptors of their
 own: for them only stat, status and cgroup are read. Only regular-file descriptors (path and
-deleted targets) get their ``fdinfo`` read: a host may hold tens of thousands of socket fds.
+deleted targets) get an access mode: a host may hold tens of thousands of socket fds. The mode
+comes from the fd link's own permission bits (``lstat``, as lsof does); ``fdinfo`` is read only
+for a descriptor open for writing (its ``O_APPEND`` is there alone) or for neither (``O_PATH``).
 """
 from __future__ import annotations
 
+import os
+import stat as _stat
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, TypeVar
 
@@ -34,6 +38,7 @@ from .stat import Stat, read_stat
 from .status import Status, read_status
 
 T = TypeVar("T")
+_R_USR, _RW_USR = _stat.S_IRUSR, _stat.S_IRUSR | _stat.S_IWUSR
 
 # Part names as they appear in ProcInfo.denied / ProcInfo.missing.
 PARTS = ("status", "cmdline", "exe", "cwd", "root", "netns", "environ", "cgroup", "limits", "maps",
@@ -94,8 +99,20 @@ def _read_fds(info: ProcInfo, proc_root: str) -> None:
         return
     info.fds = entries
     base = f"{proc_root}/{info.pid}/fdinfo/"
+    links = f"{proc_root}/{info.pid}/fd/"
+    lstat = os.lstat
     for entry in entries:
         if entry.kind != fdmod.PATH and entry.kind != fdmod.DELETED:
+            continue
+        # The fd link's own mode bits are the open mode (r-x for FMODE_READ, -wx for FMODE_WRITE),
+        # as lsof reads them: one lstat instead of opening fdinfo. Only a descriptor open for
+        # writing (append is in fdinfo's flags alone) or for neither (O_PATH) has its fdinfo read.
+        try:
+            link_mode = lstat(links + str(entry.fd)).st_mode & _RW_USR
+        except OSError:
+            link_mode = 0
+        if link_mode == _R_USR:
+            entry.flags = fdmod.O_RDONLY
             continue
         try:
             fdinfo = fdmod.parse_fdinfo(read_text(base + str(entry.fd)))

@@ -28,6 +28,7 @@ NOISE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/ura
 NOISE_PREFIXES = ("/dev/pts/", "/dev/tty")
 # Paths worth asking the package database about.
 PACKAGE_KINDS = ("executable", "library", "config", "data", "log", "other", "deleted")
+_PACKAGE_KINDS = frozenset(PACKAGE_KINDS)
 
 
 # --------------------------------------------------------------------------------- probes
@@ -493,12 +494,19 @@ def derive_peers(proc: Process, unix_by_inode: Dict[int, Socket], owners: Dict[i
 def attach_packages(processes: List[Process], index, verify: bool = True) -> List[Package]:
     """Fill owner/owned/modified on every file reference and return the packages in use."""
     refs: Dict[str, List[Tuple[Process, Optional[FileRef]]]] = {}
-    for proc in processes:
+    kinds, pseudo, get = _PACKAGE_KINDS, ("/proc/", "/sys/"), refs.get
+    for proc in processes:  # ~20,000 references on 1,000 processes: kept to plain steps
         if proc.exe:
             refs.setdefault(proc.exe, []).append((proc, None))
-        for ref in proc.libraries + proc.mapped_files + proc.files:
-            if ref.path.startswith("/") and ref.kind in PACKAGE_KINDS and not ref.path.startswith(("/proc/", "/sys/")):
-                refs.setdefault(ref.path, []).append((proc, ref))
+        for group in (proc.libraries, proc.mapped_files, proc.files):
+            for ref in group:
+                path = ref.path
+                if ref.kind in kinds and path[:1] == "/" and not path.startswith(pseudo):
+                    uses = get(path)
+                    if uses is None:
+                        refs[path] = [(proc, ref)]
+                    else:
+                        uses.append((proc, ref))
     owners = index.owners(list(refs))
     if verify:  # hashing (GIL-free) runs on other threads while origins are resolved below
         index.prefetch_hashes([path for path in refs if owners.get(path)])
@@ -507,12 +515,12 @@ def attach_packages(processes: List[Process], index, verify: bool = True) -> Lis
     for path, uses in refs.items():
         name = owners.get(path)
         modified = index.verify(path) if (verify and name) else None
+        owned = name is not None
         for proc, ref in uses:
             if ref is None:
                 proc.exe_package = name
             else:
-                ref.package, ref.owned = name, name is not None
-                ref.modified = modified
+                ref.package, ref.owned, ref.modified = name, owned, modified
         if not name:
             continue
         pkg = packages.get(name)

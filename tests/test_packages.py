@@ -58,6 +58,48 @@ def test_parse_status(text, want):
     assert got == want
 
 
+def _status_via_deb822(text):
+    """parse_status's answer built from the generic deb822 parser (the reference it must match)."""
+    out = []
+    for para in dpkg.parse_deb822(text):
+        if not para.get("Package"):
+            continue
+        status = para.get("Status", "").split()
+        out.append((para["Package"], para.get("Version", ""), para.get("Architecture", ""),
+                    tuple(status) if len(status) == 3 else ("", "", ""),
+                    para.get("Source", "").split(" ", 1)[0] or para["Package"], para.get("Multi-Arch", ""),
+                    dpkg.parse_conffiles(para.get("Conffiles", ""))))
+    return out
+
+
+@pytest.mark.parametrize("source", ["cases", "host", "fixtures", "odd"])
+def test_parse_status_agrees_with_the_deb822_parser(source):
+    """parse_status reads only the fields it keeps (one regular expression per paragraph): on this
+    host's real status file, the fixtures' and odd layouts it answers as the line parser does."""
+    if source == "cases":
+        texts = [text for text, _ in STATUS_CASES]
+    elif source == "host":
+        with open("/var/lib/dpkg/status", "rb") as fh:
+            texts = [dpkg._decode(fh.read())]
+    elif source == "fixtures":
+        texts = []
+        for root in (FIXTURE, os.path.join(os.path.dirname(FIXTURE), "debian12")):
+            with open(os.path.join(root, "var/lib/dpkg/status"), "rb") as fh:
+                texts.append(dpkg._decode(fh.read()))
+    else:
+        texts = ["Package: a\n \t\nVersion: 1\n  \n\n\nPackage: b\nVersion: 2\n continued\nSource: s\n",
+                 "Package: a\nPackage: b\nStatus:   install ok installed  \nArchitecture:all",
+                 "  leading\nPackage: x\nConffiles: /etc/inline " + "c" * 32 + "\n /etc/next " + "d" * 32,
+                 "Description: x\nPackage: in-description? no\n\tPackage: indented\nMulti-Arch: same\n"]
+    assert len(texts) >= 1 and any(texts)
+    for text in texts:
+        got = [(e.name, e.version, e.architecture, (e.want, e.flag, e.state), e.source, e.multi_arch, e.conffiles)
+               for e in dpkg.parse_status(text)]
+        assert got == _status_via_deb822(text)
+        if source == "host":
+            assert len(got) > 100
+
+
 def test_status_installed_flags():
     (a, b, c) = dpkg.parse_status("Package: a\nStatus: hold ok installed\n\nPackage: b\n"
                                   "Status: install reinstreq installed\n\nPackage: c\n"

@@ -11,6 +11,7 @@ CRI-O, Podman, Kubernetes pods, LXC/LXD and Amazon ECS.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -64,9 +65,15 @@ def cgroup_path(entries: List[CgroupEntry]) -> str:
     return "/" if entries else ""
 
 
+@functools.lru_cache(maxsize=4096)
+def _path_of(text: str) -> str:
+    return cgroup_path(parse_cgroup(text))
+
+
 def read_cgroup(proc_root: str, pid: int) -> str:
-    """Read ``/proc/PID/cgroup`` and return :func:`cgroup_path` of it."""
-    return cgroup_path(parse_cgroup(read_text(pid_path(proc_root, pid, "cgroup"))))
+    """Read ``/proc/PID/cgroup`` and return :func:`cgroup_path` of it (each distinct text parsed
+    once, bounded: processes share cgroups)."""
+    return _path_of(read_text(pid_path(proc_root, pid, "cgroup")))
 
 
 # ------------------------------------------------------------------------------------ derive

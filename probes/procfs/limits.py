@@ -7,8 +7,9 @@ two or more spaces. Values stay strings (``unlimited`` or a number); two rows ha
 """
 from __future__ import annotations
 
+import functools
 import re
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Tuple
 
 from ._io import pid_path, read_text
 
@@ -34,6 +35,12 @@ def parse_limits(text: str) -> List[Limit]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> Tuple[Limit, ...]:
+    return tuple(parse_limits(text))
+
+
 def read_limits(proc_root: str, pid: int) -> List[Limit]:
-    """Read and parse ``/proc/PID/limits``."""
-    return parse_limits(read_text(pid_path(proc_root, pid, "limits")))
+    """Read and parse ``/proc/PID/limits`` (most processes share a few distinct texts: each is
+    parsed once, bounded)."""
+    return list(_parsed(read_text(pid_path(proc_root, pid, "limits"))))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import fcntl
 import os
 import re
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ...agent.errors import from_oserror
 from ._io import pid_path, read_records
@@ -119,17 +120,26 @@ def parse_mapped_files(text: str) -> MappedFiles:
     return _mapped_from_raw(dict.fromkeys(_PATH_LINE.findall(text)))
 
 
+@functools.lru_cache(maxsize=8192)
+def _raw_link(raw: str) -> Optional[Tuple[Link, bool]]:
+    """(Link, is a shared library) of one maps path as printed, None when it names no file.
+    Kept per path (bounded): the thousand processes that map libc ask about the same string."""
+    if raw.endswith(DELETED_SUFFIX):
+        path, deleted = raw[: -len(DELETED_SUFFIX)], True
+    else:
+        path, deleted = raw, False
+    if not is_file_backed(path, deleted):
+        return None
+    return Link(sys.intern(path), deleted), is_shared_library(path)
+
+
 def _mapped_from_raw(raws) -> MappedFiles:
     out = MappedFiles()
+    libraries, files = out.libraries, out.files
     for raw in raws:  # distinct, in first-mapped order
-        if raw.endswith(DELETED_SUFFIX):
-            path, deleted = raw[: -len(DELETED_SUFFIX)], True
-        else:
-            path, deleted = raw, False
-        if not is_file_backed(path, deleted):
-            continue
-        link = Link(sys.intern(path), deleted)
-        (out.libraries if is_shared_library(path) else out.files).append(link)
+        got = _raw_link(raw)
+        if got is not None:
+            (libraries if got[1] else files).append(got[0])
     return out
 
 

@@ -506,12 +506,10 @@ class DpkgIndex(PackageIndex):
         return self._list_mtime[key]
 
     def _stems(self, key: str) -> Tuple[str, ...]:
-        """The names the package's ``info/`` files may have: the one its list was found under when
-        the directory was read for a pass over the lists, else ``name:arch`` then ``name`` (dpkg's
-        two spellings), so that a scan the cache answered needs no listing of ``info/``."""
-        if self._lists is not None:
-            stem = self._list_stem.get(key)
-            return (stem,) if stem is not None else ()
+        """The names the package's ``info/`` files may have, in dpkg's two spellings: ``name:arch``
+        then ``name``. Tried by name, so a scan the cache answered needs no listing of ``info/``,
+        and the answer is the same with or without one (a list a purged foreign-architecture
+        package left behind is never taken for the installed one's)."""
         e = self.entries[key]
         return (f"{e.name}:{e.architecture}", e.name)
 
@@ -554,7 +552,7 @@ class DpkgIndex(PackageIndex):
         if got is None:
             e = self.entries[key]
             got = {}
-            for s in (*self._stems(key), key, e.name, f"{e.name}:{e.architecture}"):
+            for s in self._stems(key):
                 try:
                     got = parse_md5sums(_read(os.path.join(self.info_dir, s + ".md5sums")))
                     break

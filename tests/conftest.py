@@ -46,17 +46,18 @@ while time.time() < end:
 
 
 # A TCP echo server on the address in argv[1] (IPv4 or IPv6), printing its port: the peer the live
-# trace and export tests connect to (test files import it: ``from conftest import ECHO_SERVER``).
+# trace, export and daemon tests connect to (test files import it: ``from conftest import ECHO_SERVER``).
 ECHO_SERVER = r"""
 import socket, sys, threading
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 0)); s.listen(16); print(s.getsockname()[1], flush=True)
+s.bind((sys.argv[1], 0)); s.listen(64); print(s.getsockname()[1], flush=True)
 def serve(c):
-    while True:
-        d = c.recv(4096)
-        if not d: return
-        c.sendall(d)
+    with c:
+        while True:
+            d = c.recv(4096)
+            if not d: return
+            c.sendall(d)
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 """

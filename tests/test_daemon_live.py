@@ -22,22 +22,9 @@ import urllib.request
 import pytest
 
 from asbuilt.agent.store import load_profile
+from conftest import ECHO_SERVER
 
 PY = "/usr/bin/python3"
-
-SERVER = r"""
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", 0)); s.listen(64); print(s.getsockname()[1], flush=True)
-def serve(c):
-    with c:
-        while True:
-            d = c.recv(4096)
-            if not d: return
-            c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
 
 CLIENT = r"""
 import socket, sys, time
@@ -132,7 +119,7 @@ def assert_all_snapshots_load(state_dir) -> int:
 
 @pytest.fixture
 def pair():
-    server = subprocess.Popen([PY, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([PY, "-c", ECHO_SERVER, "127.0.0.1"], stdout=subprocess.PIPE, text=True)
     port = int(server.stdout.readline())
     client = subprocess.Popen([PY, "-c", CLIENT, str(port), "600"])
     yield port, server, client

@@ -58,10 +58,38 @@ def test_parse_status(text, want):
     assert got == want
 
 
+def _parse_deb822(text):
+    """The reference deb822 reader parse_status must agree with: a Python step per line.
+    Paragraphs of ``Field: value`` lines; continuation lines (leading space/tab) are joined with
+    newlines. Lines that are neither are skipped."""
+    paras = []
+    cur = {}
+    last = ""
+    for line in text.split("\n"):
+        if not line.strip():
+            if cur:
+                paras.append(cur)
+            cur, last = {}, ""
+            continue
+        if line[0] in " \t":
+            if last:
+                cur[last] += "\n" + line.strip()
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key or " " in key:
+            last = ""
+            continue
+        last = key.strip()
+        cur[last] = value.strip()
+    if cur:
+        paras.append(cur)
+    return paras
+
+
 def _status_via_deb822(text):
     """parse_status's answer built from the generic deb822 parser (the reference it must match)."""
     out = []
-    for para in dpkg.parse_deb822(text):
+    for para in _parse_deb822(text):
         if not para.get("Package"):
             continue
         status = para.get("Status", "").split()
@@ -604,11 +632,21 @@ def _copy_fixture(tmp_path):
     return root
 
 
-def test_cache_answers_like_the_database(tmp_path, monkeypatch):
+def _cached_run(tmp_path, monkeypatch, write=True):
+    """A copy of the fixture database, one run of every question with a cache file beside it, and
+    (``write``) that run's cache written: (root, cache file, the run's answers, its index)."""
     monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)  # the copied files are brand new
     root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
+    answers, idx = _answers(root, cf)
+    if write:
+        with open(cf, "wb") as fh:
+            fh.write(idx.cache_update())
+    return root, cf, answers, idx
+
+
+def test_cache_answers_like_the_database(tmp_path, monkeypatch):
+    root, cf, cold, idx = _cached_run(tmp_path, monkeypatch, write=False)
     plain, _ = _answers(root)
-    cold, idx = _answers(root, cf)
     assert cold == plain
     data = idx.cache_update()
     assert data
@@ -623,11 +661,7 @@ def test_cache_answers_like_the_database(tmp_path, monkeypatch):
 
 
 def test_cache_is_dropped_when_dpkg_or_a_file_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
-    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
-    _, idx = _answers(root, cf)
-    with open(cf, "wb") as fh:
-        fh.write(idx.cache_update())
+    root, cf, _, _ = _cached_run(tmp_path, monkeypatch)
     time.sleep(0.05)  # past the timestamp tick of the copy: a change shows in the mtimes
     # a package now lists /usr/bin/stale (dpkg writes list files by a rename into info/)
     info = os.path.join(root, "var/lib/dpkg/info")
@@ -659,9 +693,7 @@ def test_cache_is_dropped_when_dpkg_or_a_file_changes(tmp_path, monkeypatch):
 def test_corrupt_or_foreign_cache_is_harmless(tmp_path, monkeypatch, content):
     import msgpack
 
-    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
-    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
-    plain, idx = _answers(root, cf)
+    root, cf, plain, idx = _cached_run(tmp_path, monkeypatch, write=False)
     good = msgpack.unpackb(idx.cache_update(), raw=False)
     if content is None:
         content = msgpack.packb(dict(good, version=cachemod.VERSION + 1))
@@ -680,11 +712,7 @@ def test_corrupt_or_foreign_cache_is_harmless(tmp_path, monkeypatch, content):
 
 
 def test_cache_file_writable_by_others_is_not_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
-    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
-    _, idx = _answers(root, cf)
-    with open(cf, "wb") as fh:
-        fh.write(idx.cache_update())
+    root, cf, _, _ = _cached_run(tmp_path, monkeypatch)
     os.chmod(cf, 0o666)
     _, idx2 = _answers(root, cf)
     assert idx2.build_seconds > 0.0, "the lists were scanned again"
@@ -703,9 +731,7 @@ def test_fixture_roots_scan_writes_no_cache(tmp_path):
 def test_cache_keeps_only_this_scans_paths_past_its_bound(tmp_path, monkeypatch):
     import msgpack
 
-    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
-    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
-    _, idx = _answers(root, cf)
+    _, _, _, idx = _cached_run(tmp_path, monkeypatch, write=False)
     idx.cache.owners.update({f"/tmp/gone{i}.log": () for i in range(50)})  # files of earlier scans
     monkeypatch.setattr(cachemod, "MAX_ENTRIES", 40)
     kept = msgpack.unpackb(idx.cache_update(), raw=False)["owners"]
@@ -717,12 +743,8 @@ def test_new_paths_outside_listed_directories_need_no_pass_and_no_cache_write(tm
     """With the cache's directory set, a path whose directory no list names (a temp file, a new log)
     is unowned at once: no list is read and the cache stays as it is. A new path in a listed
     directory is still looked up (and kept)."""
-    monkeypatch.setattr(cachemod, "SETTLE_SECONDS", -1.0)
-    root, cf = _copy_fixture(tmp_path), str(tmp_path / "dpkg-index.msgpack")
-    _, idx = _answers(root, cf)
+    root, cf, _, idx = _cached_run(tmp_path, monkeypatch)
     assert idx._dirs and b"/usr/bin" in idx._dirs and b"/srv/app" not in idx._dirs
-    with open(cf, "wb") as fh:
-        fh.write(idx.cache_update())
 
     warm = dpkg.DpkgIndex(Roots(rootfs=root), new_gaps()[1], cache_file=cf)
     fresh = ["/tmp/tool-8f3a/stdout", "/srv/app/2026-11-23.log", "/var/tmp/x/y"]
